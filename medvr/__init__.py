@@ -1,0 +1,1 @@
+"""medvr: Hydra + Lightning experiments for RL on medical vision-language models."""
