@@ -1,0 +1,143 @@
+"""What to load as the policy, and loading it: hub id or local dir, dtype, LoRA/QLoRA, freezing.
+
+Instantiating a `ModelSpec` is free; `check()` resolves where the weights are (cheap, run before
+any expensive work so an unreachable checkpoint fails first) and `load()` builds the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class ModelUnavailableError(RuntimeError):
+    """The checkpoint is neither a local directory nor reachable on the hub."""
+
+
+def _auto_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+class ModelSpec:
+    """A Qwen2-VL-family checkpoint plus how to train it (full fine-tune, LoRA or QLoRA)."""
+
+    def __init__(
+        self,
+        name: str,
+        hub_id: str | None,
+        path: str | None,
+        dtype: str,
+        attn_implementation: str,
+        min_pixels: int,
+        max_pixels: int,
+        freeze_vision: bool,
+        gradient_checkpointing: bool,
+        lora: dict | None = None,
+        quantization: str | None = None,
+    ):
+        self.name = name
+        self.hub_id = hub_id
+        self.path = path
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.freeze_vision = freeze_vision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.lora = dict(lora) if lora else None
+        self.quantization = quantization
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None
+
+    def check(self) -> str:
+        """Return the local directory holding the checkpoint, or raise a clear error."""
+        if self.path:
+            local = Path(self.path).expanduser()
+            if not (local / "config.json").is_file():
+                raise ModelUnavailableError(
+                    f"model.path={self.path!r} is not a Hugging Face model directory (no config.json "
+                    f"there). Point model.path at a directory saved with save_pretrained."
+                )
+            return str(local)
+        if not self.hub_id:
+            raise ModelUnavailableError(f"model '{self.name}': set model.hub_id or model.path.")
+        return self._from_hub(self.hub_id)
+
+    def _from_hub(self, repo_id: str) -> str:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(repo_id, local_files_only=True)
+        except Exception:  # not cached: fall through to the network unless told not to
+            pass
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+        try:
+            if offline:
+                raise ConnectionError("HF_HUB_OFFLINE is set")
+            return snapshot_download(repo_id)
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"model '{self.name}': checkpoint {repo_id!r} is not in the local Hugging Face cache "
+                f"and the hub is unreachable ({type(exc).__name__}: {str(exc)[:200]}). Download it "
+                f"where the hub is reachable (`hf download {repo_id} --local-dir DIR`) and run with "
+                f"model.path=DIR."
+            ) from exc
+
+    def load(self):
+        """Load (model, processor) ready for training; the model is on CPU."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        local = self.check()
+        processor = AutoProcessor.from_pretrained(
+            local, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
+        processor.tokenizer.padding_side = "left"
+        kwargs = {"dtype": _auto_dtype(self.dtype), "attn_implementation": self.attn_implementation}
+        if self.quantization is not None:
+            kwargs["quantization_config"] = self._quantization_config()
+        model = AutoModelForImageTextToText.from_pretrained(local, **kwargs)
+        if self.freeze_vision:
+            for p in _vision_tower(model).parameters():
+                p.requires_grad_(False)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.uses_lora:
+            model = self._wrap_lora(model)
+        elif self.quantization is not None:
+            raise ValueError("model.quantization needs model.lora: a 4-bit base can only train adapters.")
+        return model, processor
+
+    def _quantization_config(self):
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization != "nf4":
+            raise ValueError(f"model.quantization={self.quantization!r}: only 'nf4' (QLoRA) or null.")
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_auto_dtype(self.dtype),
+        )
+
+    def _wrap_lora(self, model):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if self.quantization is not None:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing
+            )
+        config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
+        return get_peft_model(model, config)
+
+
+def _vision_tower(model) -> torch.nn.Module:
+    inner = getattr(model, "model", model)
+    return inner.visual

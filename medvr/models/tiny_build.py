@@ -1,0 +1,124 @@
+"""Build the tiny Qwen2-VL: tokenizer, processor, random init, and a short supervised warm start.
+
+The warm start teaches `<think>{rationale}</think><answer>{letter}</answer>` on synthetic items
+of a split that training and evaluation never see; it is kept short on purpose so the policy is
+well-formed but far from perfect, leaving GRPO something to improve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from medvr.data import synthetic
+from medvr.models.tiny_tokenizer import train_tokenizer
+from medvr.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
+    torch.manual_seed(params["seed"])
+    ws = params["warm_start"]
+    items = synthetic.generate(ws["items"], seed=params["seed"], split="warmstart")
+    texts = synthetic.corpus_texts(ws["items"], seed=params["seed"])
+    texts += [prompt.text(it.record["question"], it.record["options"]) for it in items[:200]]
+    tokenizer = train_tokenizer(texts, params["vocab_size"])
+    min_pixels, max_pixels = params["pixels"]
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+    model = Qwen2VLForConditionalGeneration(_config(tokenizer, params))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    _warm_start(model, processor, prompt, items, ws)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def _config(tokenizer, params: dict) -> Qwen2VLConfig:
+    text, vision = params["text"], params["vision"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    t = head_dim // 2 // 4  # M-RoPE sections (temporal, height, width) as in Qwen2-VL: 1/4, 3/8, 3/8
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config={
+            **text,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2],
+            },
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**vision, "hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2},
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict) -> None:
+    """Teacher-forced cross-entropy on the answer turn only (prompt tokens are label -100)."""
+    tokenizer = processor.tokenizer
+    batches = []
+    for start in range(0, len(items), ws["batch_size"]):
+        chunk = items[start : start + ws["batch_size"]]
+        prompts = [
+            processor.apply_chat_template(prompt.messages(it.record), add_generation_prompt=True, tokenize=False)
+            for it in chunk
+        ]
+        targets = [
+            f"<think>{it.rationale}</think><answer>{it.record['answer']}</answer><|im_end|>" for it in chunk
+        ]
+        enc = processor(
+            text=[p + t for p, t in zip(prompts, targets)],
+            images=[it.record["image"] for it in chunk],
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = torch.full_like(enc["input_ids"], -100)
+        for row, target in enumerate(targets):
+            n = len(tokenizer(target, add_special_tokens=False)["input_ids"])
+            labels[row, -n:] = enc["input_ids"][row, -n:]  # left padding: the target is at the end
+        batches.append((dict(enc), labels))
+    optim = torch.optim.AdamW(model.parameters(), lr=ws["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws["steps"]))
+    )
+    model.train()
+    t0 = time.time()
+    for step in range(ws["steps"]):
+        enc, labels = batches[step % len(batches)]
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == ws["steps"] - 1:
+            log.info("tiny warm start step %d/%d loss %.3f (%.0fs)", step + 1, ws["steps"], loss.item(), time.time() - t0)
+    model.eval()

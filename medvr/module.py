@@ -1,0 +1,234 @@
+"""GRPO as a LightningModule: rollouts -> rewards -> group advantages -> clipped loss -> step.
+
+Manual optimisation, because one generation batch may feed several updates (mu > 1) and is
+split into micro-batches whose losses must add up to the full-batch objective exactly.
+The reference policy is the LoRA base with adapters disabled, or a frozen copy that is kept out
+of the module's state dict (never checkpointed). Validation decodes greedily.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+
+from medvr.algo import AlgoConfig
+from medvr.grpo import group_advantages, masked_mean, policy_loss
+from medvr.models.spec import ModelSpec
+from medvr.prompts import PromptBuilder
+from medvr.rewards import WeightedSum
+from medvr.rewards.answer import accuracy_reward, format_reward
+from medvr.rollout.batch import Rollouts
+from medvr.rollout.generate import token_logps
+
+# dataset columns handed to reward functions (TRL passes every dataset column the same way)
+REWARD_COLUMNS = ("id", "question", "options", "answer", "modality", "bbox")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec,
+        explore,
+        reward: WeightedSum,
+        prompt: PromptBuilder,
+        algo: AlgoConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        samples_to_keep: int = 4,
+    ):
+        super().__init__()
+        self.spec = model
+        self.policy, self.processor = model.load()
+        self.policy.train()
+        self.explore = explore
+        self.reward = reward
+        self.prompt = prompt
+        self.algo = algo
+        self.optimizer_factory = optimizer
+        self.samples_to_keep = samples_to_keep
+        self.automatic_optimization = False
+        # a list hides the frozen copy from nn.Module registration: no state_dict, no checkpoint
+        self._frozen_ref: list[torch.nn.Module] = []
+        if algo.beta > 0 and not model.uses_lora:
+            ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self._frozen_ref.append(ref)
+        self.last_samples: list[dict] = []
+        self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
+
+    # --- setup -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        for ref in self._frozen_ref:
+            ref.to(self.device)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return self.optimizer_factory(params)
+
+    def _reference(self):
+        """Context + model computing reference log-probs."""
+        if self._frozen_ref:
+            return nullcontext(), self._frozen_ref[0]
+        return self.policy.disable_adapter(), self.policy
+
+    # --- training ------------------------------------------------------------------------------
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        algo = self.algo
+        self.policy.eval()  # no dropout while sampling; logits must match the training forward
+        rollouts = self.explore.rollout(
+            self.policy, self.processor, self.prompt, batch, group_size=algo.group_size, temperature=algo.temperature
+        )
+        self.policy.train()
+        columns = {k: [r[k] for r in batch for _ in range(algo.group_size)] for k in REWARD_COLUMNS}
+        totals, terms = self.reward.score(rollouts.completions, **columns)
+        rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)  # [N]
+        advantages = group_advantages(rewards, algo.group_size, scale=algo.scale_rewards, eps=algo.advantage_eps)
+        mask = rollouts.loss_mask.float()  # [N, L]
+        if algo.mask_truncated_completions:
+            mask = mask * (~rollouts.truncated).float().unsqueeze(1)
+
+        old, ref = self._fixed_logps(rollouts)
+        opt = self.optimizers()
+        parts_sum: dict[str, float] = defaultdict(float)
+        for _ in range(algo.num_iterations):
+            for lo in range(0, len(rollouts), algo.micro_batch_size):
+                hi = min(lo + algo.micro_batch_size, len(rollouts))
+                mb = rollouts.rows(lo, hi)
+                logps, _ = token_logps(self.policy, mb, algo.temperature)
+                loss, parts = policy_loss(
+                    logps,
+                    None if old is None else old[lo:hi],
+                    None if ref is None else ref[lo:hi],
+                    advantages[lo:hi],
+                    mask[lo:hi],
+                    loss_type=algo.loss_type,
+                    epsilon_low=algo.epsilon_low,
+                    epsilon_high=algo.epsilon_high,
+                    beta=algo.beta,
+                    importance_sampling_level=algo.importance_sampling_level,
+                    max_completion_length=mask.shape[1] - rollouts.policy_start,
+                    num_items=mask.sum(),
+                )
+                share = self._micro_weight(mask, lo, hi)
+                self.manual_backward(loss * share / algo.grad_accum)
+                parts_sum["loss"] += loss.item() * share / algo.num_iterations
+                for k, v in parts.items():
+                    parts_sum[k] += v.item() * share / algo.num_iterations
+            last_of_window = (batch_idx + 1) % algo.grad_accum == 0
+            if algo.num_iterations > 1 or last_of_window:
+                if algo.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        self._log_train(rollouts, rewards, terms, mask, parts_sum)
+        self._keep_samples(batch, rollouts, rewards, terms)
+
+    @torch.no_grad()
+    def _fixed_logps(self, rollouts: Rollouts):
+        """Old log-probs (only when the batch is reused) and reference log-probs (only when beta > 0)."""
+        old = ref = None
+        if self.algo.num_iterations > 1:
+            old = self._batched_logps(self.policy, rollouts)
+        if self.algo.beta > 0:
+            context, model = self._reference()
+            with context:
+                ref = self._batched_logps(model, rollouts)
+        return old, ref
+
+    def _batched_logps(self, model, rollouts: Rollouts) -> torch.Tensor:
+        chunks = []
+        for lo in range(0, len(rollouts), self.algo.micro_batch_size):
+            mb = rollouts.rows(lo, min(lo + self.algo.micro_batch_size, len(rollouts)))
+            chunks.append(token_logps(model, mb, self.algo.temperature)[0])
+        return torch.cat(chunks)  # [N, L]
+
+    def _micro_weight(self, mask: torch.Tensor, lo: int, hi: int) -> float:
+        """Share of the full-batch loss a micro-batch's loss stands for, so the gradients add up exactly."""
+        if self.algo.loss_type == "bnpo":
+            return float(mask[lo:hi].sum() / mask.sum().clamp(min=1))
+        if self.algo.loss_type == "dapo":  # already divided by the whole batch's token count
+            return 1.0
+        return (hi - lo) / mask.shape[0]
+
+    def _log_train(self, rollouts: Rollouts, rewards, terms, mask, parts: dict[str, float]) -> None:
+        g = self.algo.group_size
+        finite = rewards.nan_to_num(0.0)
+        group_std = finite.view(-1, g).std(dim=1)  # [B]
+        policy_mask = rollouts.loss_mask.float()
+        metrics = {
+            "train/loss": parts["loss"],
+            "train/reward": finite.mean().item(),
+            "train/reward_std": group_std.mean().item(),
+            "train/frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+            "train/kl": parts["kl"],
+            "train/clip_ratio/low": parts["clip_ratio/low"],
+            "train/clip_ratio/high": parts["clip_ratio/high"],
+            "train/completion_length": policy_mask.sum(1).mean().item(),
+            "train/truncated_rate": rollouts.truncated.float().mean().item(),
+            "train/entropy": masked_mean(rollouts.entropies, policy_mask).item(),
+        }
+        for name, values in terms.items():
+            known = [v for v in values if v is not None]
+            if known:
+                metrics[f"train/reward/{name}"] = sum(known) / len(known)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(rollouts) // g)
+        self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, on_step=True, batch_size=1)
+
+    def _keep_samples(self, batch: list[dict], rollouts: Rollouts, rewards, terms) -> None:
+        g = self.algo.group_size
+        self.last_samples = [
+            {
+                "id": batch[i // g]["id"],
+                "image": batch[i // g]["image"],
+                "prompt": self.prompt.text(batch[i // g]["question"], batch[i // g]["options"]),
+                "answer": batch[i // g]["answer"],
+                "completion": rollouts.completions[i],
+                "reward": float(rewards[i]),
+                "terms": {k: v[i] for k, v in terms.items()},
+            }
+            for i in range(min(self.samples_to_keep, len(rollouts)))
+        ]
+
+    # --- evaluation ------------------------------------------------------------------------------
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    @torch.no_grad()
+    def _eval_step(self, batch: list[dict]) -> None:
+        """Greedy decoding; a record counts as correct when the chosen letter is the key (reward > 0)."""
+        rollouts = self.explore.rollout(
+            self.policy, self.processor, self.prompt, batch, group_size=1, temperature=1.0, greedy=True
+        )
+        acc = accuracy_reward(rollouts.completions, answer=[r["answer"] for r in batch])
+        fmt = format_reward(rollouts.completions)
+        for record, a, f in zip(batch, acc, fmt):
+            self._eval[record["modality"]] += torch.tensor([float(a > 0), f, 1.0])
+
+    def _log_eval(self, split: str) -> None:
+        names = sorted(self._eval)
+        counts = torch.stack([self._eval[n] for n in names]).to(self.device)  # [M, 3]
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        total = counts.sum(0)
+        metrics = {
+            f"{split}/acc": (total[0] / total[2]).item(),
+            f"{split}/format": (total[1] / total[2]).item(),
+        }
+        for name, row in zip(names, counts):
+            metrics[f"{split}/acc/{name}"] = (row[0] / row[2]).item()
+        self.log_dict(metrics, sync_dist=False)
+        self._eval.clear()
+        if math.isfinite(metrics[f"{split}/acc"]):
+            self.print(f"{split}/acc {metrics[f'{split}/acc']:.3f}  format {metrics[f'{split}/format']:.3f}")

@@ -1,0 +1,93 @@
+"""Batched sampling with exact per-token log-probs, and the training forward that recomputes them.
+
+Both read the policy's RAW logits divided by the temperature (top_k=0, top_p=1, no repetition
+penalty): warped scores would give -inf entries, NaN entropies and log-probs that disagree with
+the training forward (DESIGN.md, pitfalls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from medvr.grpo import selective_log_softmax
+from medvr.rollout.batch import Rollouts
+
+
+@dataclass
+class Sample:
+    tokens: Tensor  # [N, Lc] generated ids, pad after the end
+    mask: Tensor  # [N, Lc] 1 up to and including the first stop token
+    logps: Tensor  # [N, Lc] log-prob of each token under softmax(logits / T)
+    entropies: Tensor  # [N, Lc] entropy of softmax(logits / T)
+    truncated: Tensor  # [N] no stop token within the budget
+
+
+def generation_config(
+    *, max_new_tokens: int, temperature: float, greedy: bool, stop_ids: list[int], pad_id: int
+) -> GenerationConfig:
+    """Plain ancestral sampling (or greedy) from raw logits: no top-k/top-p/penalties."""
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return GenerationConfig(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def sample(model, inputs: dict[str, Tensor], config: GenerationConfig, temperature: float) -> Sample:
+    """One batched `generate` call over every row of `inputs` (all prompts x all completions)."""
+    out = model.generate(**inputs, generation_config=config)
+    prompt_len = inputs["input_ids"].shape[1]
+    tokens = out.sequences[:, prompt_len:]  # [N, Lc]
+    logps, entropies = [], []
+    for t, step_logits in enumerate(out.logits):  # one [N, V] per step: never stack [N, Lc, V]
+        logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)  # [N, V]
+        logps.append(logp.gather(-1, tokens[:, t : t + 1]).squeeze(-1))  # [N]
+        entropies.append(-(logp.exp() * logp).nan_to_num().sum(-1))  # [N]
+    logps_t = torch.stack(logps, dim=1)  # [N, Lc]
+    entropies_t = torch.stack(entropies, dim=1)  # [N, Lc]
+    stop_ids = torch.tensor(config.eos_token_id, device=tokens.device)
+    is_stop = torch.isin(tokens, stop_ids)  # [N, Lc]
+    ended_before = (is_stop.cumsum(dim=1) - is_stop.long()) > 0  # [N, Lc] a stop token came earlier
+    mask = (~ended_before).long()  # [N, Lc]
+    return Sample(
+        tokens=tokens,
+        mask=mask,
+        logps=logps_t * mask,
+        entropies=entropies_t * mask,
+        truncated=~is_stop.any(dim=1),
+    )
+
+
+def token_logps(model, rollouts: Rollouts, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (and optionally entropies) of every token under `model`: [N, L], 0 before the policy window.
+
+    Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
+    over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids).
+    """
+    from medvr.grpo import entropy_from_logits
+
+    n, length = rollouts.input_ids.shape
+    start = max(rollouts.policy_start, 1)
+    keep = length - start + 1  # logits at [start-1, L) predict tokens [start, L+1)
+    out = model(**rollouts.model_inputs(), logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, :-1] / temperature  # [N, L-start, V]
+    targets = rollouts.input_ids[:, start:]  # [N, L-start]
+    logps = torch.zeros(n, length, device=logits.device)
+    logps[:, start:] = selective_log_softmax(logits, targets)
+    if not with_entropy:
+        return logps, None
+    entropies = torch.zeros_like(logps)
+    with torch.no_grad():
+        entropies[:, start:] = entropy_from_logits(logits.detach())
+    return logps, entropies

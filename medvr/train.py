@@ -1,0 +1,60 @@
+"""`run(cfg)`: one training job from a composed config; `train.py` and the tests call it.
+
+Order matters: every config group is instantiated and the checkpoint located before the data is
+read, and the data is validated before the model is loaded, so bad input fails fast. The MLflow
+run exists from the start, so a job that fails is recorded as FAILED with its traceback.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from medvr.module import GRPOModule
+from medvr.tracking.run import describe, log_config, make_logger, record_failure
+
+log = logging.getLogger(__name__)
+
+
+def _choices() -> dict[str, str | None]:
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train, validate and test one configuration; return the final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    parts = {name: instantiate(cfg[name]) for name in ("algo", "reward", "prompt", "explore", "optimizer")}
+    spec = instantiate(cfg.model)
+    logger = make_logger(cfg, _choices())
+    log_config(logger, cfg)
+    module = trainer = datamodule = None
+    try:
+        spec.check()
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        module = GRPOModule(model=spec, **parts)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+        if cfg.validate_before_training:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule)
+        if cfg.test_after_training:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        logger.finalize("success")
+    except BaseException as exc:
+        record_failure(logger, exc)
+        raise
+    finally:
+        del module, trainer, datamodule
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(describe(logger), flush=True)
+    return metrics
