@@ -24,6 +24,7 @@ from medvr.prompts import PromptBuilder
 from medvr.rewards import WeightedSum
 from medvr.rewards.answer import accuracy_reward, format_reward
 from medvr.rollout.batch import Rollouts
+from medvr.rollout.encode import vision_token_ids
 from medvr.rollout.generate import token_logps
 
 # dataset columns handed to reward functions (TRL passes every dataset column the same way)
@@ -45,6 +46,7 @@ class GRPOModule(L.LightningModule):
         self.spec = model
         self.policy, self.processor = model.load()
         self.policy.train()
+        self.register_buffer("forbidden_ids", torch.tensor(vision_token_ids(self.processor)), persistent=False)
         self.explore = explore
         self.reward = reward
         self.prompt = prompt
@@ -58,6 +60,7 @@ class GRPOModule(L.LightningModule):
             ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self._frozen_ref.append(ref)
         self.last_samples: list[dict] = []
+        self._window: list[dict[str, float]] = []  # train metrics of the current accumulation window
         self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
 
     # --- setup -------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ class GRPOModule(L.LightningModule):
             for lo in range(0, len(rollouts), algo.micro_batch_size):
                 hi = min(lo + algo.micro_batch_size, len(rollouts))
                 mb = rollouts.rows(lo, hi)
-                logps, _ = token_logps(self.policy, mb, algo.temperature)
+                logps, _ = token_logps(self.policy, mb, algo.temperature, self.forbidden_ids)
                 loss, parts = policy_loss(
                     logps,
                     None if old is None else old[lo:hi],
@@ -118,13 +121,13 @@ class GRPOModule(L.LightningModule):
                 parts_sum["loss"] += loss.item() * share / algo.num_iterations
                 for k, v in parts.items():
                     parts_sum[k] += v.item() * share / algo.num_iterations
-            last_of_window = (batch_idx + 1) % algo.grad_accum == 0
-            if algo.num_iterations > 1 or last_of_window:
+            stepped = algo.num_iterations > 1 or (batch_idx + 1) % algo.grad_accum == 0
+            if stepped:
                 if algo.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        self._log_train(rollouts, rewards, terms, mask, parts_sum)
+        self._log_train(rollouts, rewards, terms, parts_sum, stepped)
         self._keep_samples(batch, rollouts, rewards, terms)
 
     @torch.no_grad()
@@ -143,7 +146,7 @@ class GRPOModule(L.LightningModule):
         chunks = []
         for lo in range(0, len(rollouts), self.algo.micro_batch_size):
             mb = rollouts.rows(lo, min(lo + self.algo.micro_batch_size, len(rollouts)))
-            chunks.append(token_logps(model, mb, self.algo.temperature)[0])
+            chunks.append(token_logps(model, mb, self.algo.temperature, self.forbidden_ids)[0])
         return torch.cat(chunks)  # [N, L]
 
     def _micro_weight(self, mask: torch.Tensor, lo: int, hi: int) -> float:
@@ -154,7 +157,7 @@ class GRPOModule(L.LightningModule):
             return 1.0
         return (hi - lo) / mask.shape[0]
 
-    def _log_train(self, rollouts: Rollouts, rewards, terms, mask, parts: dict[str, float]) -> None:
+    def _log_train(self, rollouts: Rollouts, rewards, terms, parts: dict[str, float], stepped: bool) -> None:
         g = self.algo.group_size
         finite = rewards.nan_to_num(0.0)
         group_std = finite.view(-1, g).std(dim=1)  # [B]
@@ -175,8 +178,19 @@ class GRPOModule(L.LightningModule):
             known = [v for v in values if v is not None]
             if known:
                 metrics[f"train/reward/{name}"] = sum(known) / len(known)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(rollouts) // g)
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        self._window.append(metrics)
         self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, on_step=True, batch_size=1)
+        if stepped:  # one point per optimiser step: the mean over its accumulation window
+            keys = {k for m in self._window for k in m}
+            mean = {k: sum(m[k] for m in self._window if k in m) / sum(k in m for m in self._window) for k in keys}
+            self._log_at_step(mean)
+            self._window.clear()
+
+    def _log_at_step(self, metrics: dict[str, float]) -> None:
+        """Send metrics to the loggers with x = optimiser steps completed (0 = before training)."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def _keep_samples(self, batch: list[dict], rollouts: Rollouts, rewards, terms) -> None:
         g = self.algo.group_size
@@ -228,7 +242,8 @@ class GRPOModule(L.LightningModule):
         }
         for name, row in zip(names, counts):
             metrics[f"{split}/acc/{name}"] = (row[0] / row[2]).item()
-        self.log_dict(metrics, sync_dist=False)
+        self.log_dict(metrics, logger=False)  # for checkpoint monitors and callback_metrics
+        self._log_at_step(metrics)
         self._eval.clear()
         if math.isfinite(metrics[f"{split}/acc"]):
             self.print(f"{split}/acc {metrics[f'{split}/acc']:.3f}  format {metrics[f'{split}/format']:.3f}")

@@ -1,8 +1,9 @@
 """`run(cfg)`: one training job from a composed config; `train.py` and the tests call it.
 
-Order matters: every config group is instantiated and the checkpoint located before the data is
-read, and the data is validated before the model is loaded, so bad input fails fast. The MLflow
-run exists from the start, so a job that fails is recorded as FAILED with its traceback.
+Order matters: the MLflow run is opened first (cheap), so a job that fails for any reason is
+recorded as FAILED with its traceback; then every config group is instantiated and the
+checkpoint located before the data is read, and the data is validated before the model is
+loaded, so bad input fails before any expensive work.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def _choices() -> dict[str, str | None]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, validate and test one configuration; return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
-    parts = {name: instantiate(cfg[name]) for name in ("algo", "reward", "prompt", "explore", "optimizer")}
-    spec = instantiate(cfg.model)
     logger = make_logger(cfg, _choices())
     log_config(logger, cfg)
     module = trainer = datamodule = None
     try:
+        parts = {name: instantiate(cfg[name]) for name in ("algo", "reward", "prompt", "explore", "optimizer")}
+        spec = instantiate(cfg.model)
         spec.check()
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
@@ -44,9 +45,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if cfg.validate_before_training:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.test_after_training:
             trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
         logger.finalize("success")
     except BaseException as exc:
         record_failure(logger, exc)

@@ -6,7 +6,7 @@ import torch
 
 from medvr.prompts import PromptBuilder
 from medvr.rollout.batch import Rollouts
-from medvr.rollout.encode import encode_prompts, stop_token_ids
+from medvr.rollout.encode import encode_prompts, stop_token_ids, vision_token_ids
 from medvr.rollout.generate import generation_config, sample
 
 
@@ -35,6 +35,7 @@ class SingleTurn:
             greedy=greedy,
             stop_ids=stop_token_ids(processor),
             pad_id=processor.tokenizer.pad_token_id,
+            forbidden_ids=vision_token_ids(processor),
         )
         out = sample(model, enc, config, temperature)
         zeros = torch.zeros_like(out.tokens)

@@ -96,7 +96,7 @@ class ModelSpec:
 
         local = self.check()
         processor = AutoProcessor.from_pretrained(
-            local, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            local, size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
         )
         processor.tokenizer.padding_side = "left"
         kwargs = {"dtype": _auto_dtype(self.dtype), "attn_implementation": self.attn_implementation}

@@ -28,3 +28,11 @@ def stop_token_ids(processor) -> list[int]:
     tok = processor.tokenizer
     ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id, tok.pad_token_id}
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+def vision_token_ids(processor) -> list[int]:
+    """Placeholder tokens only the processor may place; the policy never emits them."""
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)

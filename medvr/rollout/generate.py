@@ -2,7 +2,9 @@
 
 Both read the policy's RAW logits divided by the temperature (top_k=0, top_p=1, no repetition
 penalty): warped scores would give -inf entries, NaN entropies and log-probs that disagree with
-the training forward (DESIGN.md, pitfalls).
+the training forward (DESIGN.md, pitfalls). Vision placeholder tokens are forbidden to the policy
+(a sampled <|image_pad|> would desynchronise image features and tokens): the policy is the
+softmax over the remaining vocabulary, both when sampling and when recomputing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Sample:
 
 
 def generation_config(
-    *, max_new_tokens: int, temperature: float, greedy: bool, stop_ids: list[int], pad_id: int
+    *, max_new_tokens: int, temperature: float, greedy: bool, stop_ids: list[int], pad_id: int, forbidden_ids: list[int]
 ) -> GenerationConfig:
     """Plain ancestral sampling (or greedy) from raw logits: no top-k/top-p/penalties."""
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -37,6 +39,7 @@ def generation_config(
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
         repetition_penalty=1.0,
+        suppress_tokens=forbidden_ids,
         output_logits=True,
         return_dict_in_generate=True,
         use_cache=True,
@@ -50,8 +53,10 @@ def sample(model, inputs: dict[str, Tensor], config: GenerationConfig, temperatu
     prompt_len = inputs["input_ids"].shape[1]
     tokens = out.sequences[:, prompt_len:]  # [N, Lc]
     logps, entropies = [], []
+    forbidden = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=tokens.device)
     for t, step_logits in enumerate(out.logits):  # one [N, V] per step: never stack [N, Lc, V]
-        logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)  # [N, V]
+        z = (step_logits.float() / temperature).index_fill_(-1, forbidden, float("-inf"))  # [N, V]
+        logp = torch.log_softmax(z, dim=-1)  # [N, V]
         logps.append(logp.gather(-1, tokens[:, t : t + 1]).squeeze(-1))  # [N]
         entropies.append(-(logp.exp() * logp).nan_to_num().sum(-1))  # [N]
     logps_t = torch.stack(logps, dim=1)  # [N, Lc]
@@ -69,7 +74,9 @@ def sample(model, inputs: dict[str, Tensor], config: GenerationConfig, temperatu
     )
 
 
-def token_logps(model, rollouts: Rollouts, temperature: float, with_entropy: bool = False):
+def token_logps(
+    model, rollouts: Rollouts, temperature: float, forbidden_ids: Tensor, with_entropy: bool = False
+):
     """Per-token log-probs (and optionally entropies) of every token under `model`: [N, L], 0 before the policy window.
 
     Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
@@ -82,6 +89,7 @@ def token_logps(model, rollouts: Rollouts, temperature: float, with_entropy: boo
     keep = length - start + 1  # logits at [start-1, L) predict tokens [start, L+1)
     out = model(**rollouts.model_inputs(), logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, :-1] / temperature  # [N, L-start, V]
+    logits.index_fill_(-1, forbidden_ids.to(logits.device), float("-inf"))  # outputs of div: safe in place
     targets = rollouts.input_ids[:, start:]  # [N, L-start]
     logps = torch.zeros(n, length, device=logits.device)
     logps[:, start:] = selective_log_softmax(logits, targets)

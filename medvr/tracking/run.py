@@ -29,8 +29,8 @@ def make_logger(cfg: DictConfig, choices: dict[str, str | None]) -> MLFlowLogger
 
 def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
     """The resolved config, flattened as params and whole as config.yaml."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    container = OmegaConf.to_container(job_cfg, resolve=True)
     logger.log_hyperparams(container)
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(container), "config.yaml")
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: config composition as train.py does it, and one tiny model built per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+import medvr  # noqa: F401  (config resolvers)
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+# a quicker warm start than the demo's: tests need a well-formed policy, not a good one
+FAST_MODEL = ["model.warm_start.steps=100", "model.warm_start.items=256"]
+SMALL_DATA = ["data.source.n_train=32", "data.source.n_val=8", "data.source.n_test=8"]
+
+
+def compose_cfg(overrides: list[str], tmp: Path, cache: Path):
+    """Compose conf/train.yaml like `python train.py` would, with every output under `tmp`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp / "run")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir, tmp_path_factory):
+    """(model, processor, prompt) of the session's tiny model, built once."""
+    cfg = compose_cfg(FAST_MODEL, tmp_path_factory.mktemp("tiny"), cache_dir)
+    spec = instantiate(cfg.model)
+    model, processor = spec.load()
+    return model.eval(), processor, instantiate(cfg.prompt)
