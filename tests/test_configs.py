@@ -21,7 +21,8 @@ OPTIONS = [(g, o) for g, opts in GROUPS.items() for o in opts]
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_instantiates(group, option, tmp_path):
-    cfg = compose_cfg([f"{group}={option}"], tmp_path, tmp_path / "cache")
+    extra = [f"data.source.path={tmp_path}/dataset"] if (group, option) == ("data", "hf") else []
+    cfg = compose_cfg([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
     obj = instantiate(cfg[group])
     assert obj is not None
     if group == "reward":

@@ -1,0 +1,59 @@
+"""`python train.py -m ...` in a subprocess: one MLflow run per job, a failing job is FAILED and the sweep goes on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import FAST_MODEL, SMALL_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
+    # job 0 fails (an invalid algo.loss_type), jobs 1..3 must still run
+    cmd = [
+        sys.executable, "train.py", "-m",
+        "algo.loss_type=ppo,grpo", "reward=accuracy,r1",
+        f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+        *FAST_MODEL, *SMALL_DATA,
+        "data.batch_size=2", "explore.max_new_tokens=24", "trainer.max_steps=1",
+        "trainer.val_check_interval=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "validate_before_training=false", "test_after_training=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0, "a sweep with a failed job must exit non-zero once every job ran"
+    assert "algo.loss_type='ppo' is not one of" in out.stderr
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    assert len(runs) == 4
+    by_status: dict[str, list] = {}
+    for r in runs:
+        by_status.setdefault(r.info.status, []).append(r)
+    assert len(by_status["FAILED"]) == 2 and len(by_status["FINISHED"]) == 2
+    for r in by_status["FAILED"]:
+        assert r.data.params["algo/loss_type"] == "ppo"
+        assert "loss_type" in r.data.tags["error"]
+    for r in by_status["FINISHED"]:
+        assert r.data.params["algo/loss_type"] == "grpo"
+        assert "train/reward" in r.data.metrics and "val/acc" in r.data.metrics
+    assert {r.data.tags["reward"] for r in by_status["FINISHED"]} == {"accuracy", "r1"}
+    # one Hydra job directory per job
+    assert len(list((tmp_path / "multiruns").glob("*/*/[0-9]"))) == 4
+
+    # the ablation report groups the finished runs by their option tags
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from report import ablation_table, formatted
+
+    table = ablation_table(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward"], metrics=["val/acc"])
+    assert sorted(table.index) == ["accuracy", "r1"] and table["runs"].tolist() == [1, 1]
+    assert table["val/acc"].between(0, 1).all()
+    assert formatted(table).loc["r1", "val/acc"] == f"{table.loc['r1', 'val/acc']:.3f}"
