@@ -33,6 +33,11 @@ class AlgoConfig:
     max_grad_norm: float | None
     # drop truncated completions from the loss instead of penalising them
     mask_truncated_completions: bool
+    # fraction rho of highest-entropy policy tokens that get the policy gradient (1.0 = all;
+    # "Beyond the 80/20 rule", arXiv 2506.01939); the KL term still covers every token
+    top_entropy_quantile: float
+    # leave groups whose rewards are all equal out of the loss and its normalisation (DAPO)
+    dynamic_sampling: bool
 
     def __post_init__(self):
         checks = {
@@ -50,5 +55,7 @@ class AlgoConfig:
                 "algo.num_iterations > 1 reuses one generation batch for several optimiser steps; "
                 "set algo.grad_accum=1 (raise data.batch_size for a larger batch)."
             )
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"algo.top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1].")
         if min(self.num_iterations, self.grad_accum, self.micro_batch_size) < 1:
             raise ValueError("algo.num_iterations, algo.grad_accum and algo.micro_batch_size must be >= 1.")

@@ -61,6 +61,7 @@ class GRPOModule(L.LightningModule):
             self._frozen_ref.append(ref)
         self.last_samples: list[dict] = []
         self._window: list[dict[str, float]] = []  # train metrics of the current accumulation window
+        self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
         self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
 
     # --- setup -------------------------------------------------------------------------------
@@ -90,9 +91,8 @@ class GRPOModule(L.LightningModule):
         totals, terms = self.reward.score(rollouts.completions, **columns)
         rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)  # [N]
         advantages = group_advantages(rewards, algo.group_size, scale=algo.scale_rewards, eps=algo.advantage_eps)
-        mask = rollouts.loss_mask.float()  # [N, L]
-        if algo.mask_truncated_completions:
-            mask = mask * (~rollouts.truncated).float().unsqueeze(1)
+        mask = self._loss_mask(rollouts, rewards)  # [N, L]
+        advantages = self._token_credit(rollouts, advantages, mask)  # [N] or [N, L]
 
         old, ref = self._fixed_logps(rollouts)
         opt = self.optimizers()
@@ -106,14 +106,14 @@ class GRPOModule(L.LightningModule):
                     logps,
                     None if old is None else old[lo:hi],
                     None if ref is None else ref[lo:hi],
-                    advantages[lo:hi],
+                    advantages[lo:hi],  # [n] or [n, L]
                     mask[lo:hi],
                     loss_type=algo.loss_type,
                     epsilon_low=algo.epsilon_low,
                     epsilon_high=algo.epsilon_high,
                     beta=algo.beta,
                     importance_sampling_level=algo.importance_sampling_level,
-                    max_completion_length=mask.shape[1] - rollouts.policy_start,
+                    max_completion_length=self.explore.max_new_tokens,
                     num_items=mask.sum(),
                 )
                 share = self._micro_weight(mask, lo, hi)
@@ -129,6 +129,31 @@ class GRPOModule(L.LightningModule):
                 opt.zero_grad(set_to_none=True)
         self._log_train(rollouts, rewards, terms, parts_sum, stepped)
         self._keep_samples(batch, rollouts, rewards, terms)
+
+    def _loss_mask(self, rollouts: Rollouts, rewards: torch.Tensor) -> torch.Tensor:
+        """Policy tokens that enter the loss: minus truncated completions and uninformative groups, if asked."""
+        mask = rollouts.loss_mask.float()  # [N, L]
+        keep = torch.ones(len(rollouts), device=mask.device)  # [N]
+        if self.algo.mask_truncated_completions:
+            keep = keep * (~rollouts.truncated).float()
+        if self.algo.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
+            spread = rewards.nan_to_num(0.0).view(-1, self.algo.group_size).std(dim=1) > 1e-6  # [B]
+            keep = keep * spread.repeat_interleave(self.algo.group_size).float()
+        return mask * keep.unsqueeze(1)
+
+    def _token_credit(self, rollouts: Rollouts, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sequence advantages, or [N, L] ones zeroed below the entropy quantile (arXiv 2506.01939, as TRL)."""
+        rho = self.algo.top_entropy_quantile
+        if rho >= 1.0:
+            return advantages  # [N]
+        entropies = rollouts.entropies  # [N, L] sampling-time entropies of the same policy
+        active = entropies[mask.bool()]
+        if active.numel() == 0:
+            return advantages
+        threshold = torch.quantile(active.float(), 1.0 - rho)
+        high = (entropies >= threshold).float() * mask  # [N, L]
+        self._entropy_kept = float(high.sum() / mask.sum().clamp(min=1))
+        return advantages.unsqueeze(1) * high  # [N, L]
 
     @torch.no_grad()
     def _fixed_logps(self, rollouts: Rollouts):
@@ -179,6 +204,8 @@ class GRPOModule(L.LightningModule):
             if known:
                 metrics[f"train/reward/{name}"] = sum(known) / len(known)
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        if self.algo.top_entropy_quantile < 1.0:
+            metrics["train/entropy_mask_frac"] = self._entropy_kept
         self._window.append(metrics)
         self.log("reward", metrics["train/reward"], prog_bar=True, logger=False, on_step=True, batch_size=1)
         if stepped:  # one point per optimiser step: the mean over its accumulation window

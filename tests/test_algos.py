@@ -1,0 +1,93 @@
+"""Every algo option trains on the tiny model; mu, beta, dynamic sampling and entropy credit do what they say."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
+from medvr.module import GRPOModule
+from medvr.rollout.batch import Rollouts
+
+BASE = [*FAST_MODEL, *SMALL_DATA, "data.batch_size=2", "explore.max_new_tokens=24", "optimizer.lr=1e-3"]
+
+
+def _module(tmp_path, cache_dir, overrides):
+    cfg = compose_cfg([*BASE, *overrides], tmp_path, cache_dir)
+    parts = {n: instantiate(cfg[n]) for n in ("algo", "reward", "prompt", "explore", "optimizer")}
+    return GRPOModule(model=instantiate(cfg.model), **parts), instantiate(cfg.data)
+
+
+def _fit(module, datamodule, steps=2):
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_each_algo_option_trains(algo, tmp_path, cache_dir):
+    module, datamodule = _module(tmp_path, cache_dir, [f"algo={algo}"])
+    assert bool(module._frozen_ref) == (module.algo.beta > 0)  # beta 0 builds no reference model
+    before = {k: v.clone() for k, v in module.policy.named_parameters()}
+    trainer = _fit(module, datamodule)
+    # gspo reuses each batch twice: two optimiser steps per training batch
+    assert trainer.global_step == 2
+    changed = sum(not torch.equal(v, before[k]) for k, v in module.policy.named_parameters())
+    assert changed > 0.9 * len(before)
+
+
+def test_old_logps_only_when_reused_and_ref_only_with_kl(tmp_path, cache_dir):
+    module, datamodule = _module(tmp_path, cache_dir, ["algo.num_iterations=1", "algo.beta=0"])
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    rollouts = module.explore.rollout(module.policy, module.processor, module.prompt, batch, group_size=4, temperature=1.0)
+    assert module._fixed_logps(rollouts) == (None, None)
+    module.algo = type(module.algo)(**{**module.algo.__dict__, "num_iterations": 2})
+    old, ref = module._fixed_logps(rollouts)
+    assert ref is None and old.shape == rollouts.input_ids.shape
+    mask = rollouts.loss_mask.bool()
+    torch.testing.assert_close(old[mask], rollouts.gen_logps[mask], atol=1e-4, rtol=0)
+
+
+def _fake_rollouts(entropies: torch.Tensor, truncated: list[bool]) -> Rollouts:
+    n, length = entropies.shape
+    ones = torch.ones(n, length, dtype=torch.long)
+    return Rollouts(
+        input_ids=ones, attention_mask=ones, mm_token_type_ids=ones * 0, loss_mask=ones,
+        gen_logps=entropies * 0, entropies=entropies, truncated=torch.tensor(truncated),
+        pixel_values=torch.zeros(0, 4), image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
+        images_per_row=torch.zeros(n, dtype=torch.long), completions=[""] * n, group_size=2,
+    )
+
+
+class _Stub:
+    """Just the attributes GRPOModule._loss_mask / _token_credit read."""
+
+    def __init__(self, **algo):
+        defaults = dict(group_size=2, mask_truncated_completions=False, dynamic_sampling=False, top_entropy_quantile=1.0)
+        self.algo = type("Algo", (), {**defaults, **algo})()
+        self._entropy_kept = 1.0
+
+
+def test_dynamic_sampling_and_truncation_masks():
+    rollouts = _fake_rollouts(torch.rand(6, 3), truncated=[False, True, False, False, False, False])
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, float("nan")])  # group 1 has equal rewards
+    stub = _Stub(dynamic_sampling=True, mask_truncated_completions=True)
+    mask = GRPOModule._loss_mask(stub, rollouts, rewards)
+    assert mask.sum(1).tolist() == [3, 0, 0, 0, 3, 3]
+
+
+def test_top_entropy_quantile_zeroes_advantages_of_low_entropy_tokens():
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.8, 0.3, 0.7, 0.4]])
+    rollouts = _fake_rollouts(entropies, truncated=[False, False])
+    stub = _Stub(top_entropy_quantile=0.25)
+    credit = GRPOModule._token_credit(stub, rollouts, torch.tensor([2.0, -1.0]), rollouts.loss_mask.float())
+    # the top 25% of 8 tokens by entropy: 0.9 and 0.8
+    assert credit.tolist() == [[0.0, 2.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
+    assert stub._entropy_kept == 0.25
