@@ -1,0 +1,66 @@
+"""The tiny model is a standard HF directory, verified and rebuilt when corrupt; real checkpoints fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
+
+from conftest import FAST_MODEL, compose_cfg
+from medvr.models.spec import ModelUnavailableError
+from medvr.models.tiny import MANIFEST, TinyQwen2VL
+
+
+def test_tiny_model_loads_with_plain_transformers(tmp_path, cache_dir, tiny):
+    spec = instantiate(compose_cfg(FAST_MODEL, tmp_path, cache_dir).model)
+    path = spec.check()
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    tok = processor.tokenizer
+    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    assert text.endswith("<|im_start|>assistant\n") and "<|vision_start|><|image_pad|><|vision_end|>" in text
+
+
+@pytest.mark.slow
+def test_corrupt_or_partial_cache_is_detected_and_rebuilt(tmp_path):
+    # a barely warm-started variant: this test is about the cache, not the policy
+    cheap = ["model.warm_start.steps=2", "model.warm_start.items=16"]
+    spec = instantiate(compose_cfg(cheap, tmp_path, tmp_path / "cache").model)
+    built = Path(spec.check())
+    assert TinyQwen2VL.is_valid(built)
+    weights = next(built.glob("*.safetensors"))
+    original = weights.read_bytes()
+    corrupted = bytearray(original)
+    corrupted[-10] ^= 0xFF
+    weights.write_bytes(bytes(corrupted))
+    assert not TinyQwen2VL.is_valid(built)
+    assert spec.check() == str(built) and weights.read_bytes() == original  # rebuilt, deterministically
+
+    # a build interrupted before its manifest is written counts as missing
+    (built / MANIFEST).unlink()
+    assert not TinyQwen2VL.is_valid(built)
+    spec.check()
+    assert TinyQwen2VL.is_valid(built) and not list(built.parent.glob(".tiny-build-*"))
+
+
+def test_unreachable_hub_checkpoint_says_how_to_pass_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    spec = instantiate(compose_cfg(["model=qwen2vl_2b"], tmp_path, tmp_path / "cache").model)
+    with pytest.raises(ModelUnavailableError, match=r"Qwen/Qwen2-VL-2B-Instruct.*model.path=DIR"):
+        spec.check()
+
+
+def test_missing_local_path_names_the_key(tmp_path):
+    spec = instantiate(compose_cfg(["model=qwen2vl_2b", f"model.path={tmp_path}/nope"], tmp_path, tmp_path / "c").model)
+    with pytest.raises(ModelUnavailableError, match=r"model.path=.*nope.*no config.json"):
+        spec.check()
