@@ -79,8 +79,17 @@ class RewardCurve(L.Callback):
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in self.keys:
             history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            if history:
-                ax.plot([m.step for m in history], [m.value for m in history], label=key, marker="." if len(history) < 30 else None)
+            if not history:
+                continue
+            steps, values = [m.step for m in history], [m.value for m in history]
+            if len(values) < 30:
+                ax.plot(steps, values, label=key, marker=".")
+                continue
+            # raw per-step values are noisy (a handful of prompts each): draw them faint, plus a running mean
+            (line,) = ax.plot(steps, values, alpha=0.25)
+            window = max(5, len(values) // 20)
+            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of {window})")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("value")
         ax.grid(alpha=0.3)
