@@ -91,3 +91,24 @@ def test_top_entropy_quantile_zeroes_advantages_of_low_entropy_tokens():
     # the top 25% of 8 tokens by entropy: 0.9 and 0.8
     assert credit.tolist() == [[0.0, 2.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
     assert stub._entropy_kept == 0.25
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, cache_dir):
+    grads = []
+    for flag in ("false", "true"):
+        module, datamodule = _module(tmp_path, cache_dir, [f"model.gradient_checkpointing={flag}", "algo.beta=0"])
+        assert module.policy.is_gradient_checkpointing == (flag == "true")
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        torch.manual_seed(0)
+        rollouts = module.explore.rollout(module.policy.eval(), module.processor, module.prompt, batch, group_size=4, temperature=1.0)
+        module.policy.train()
+        from medvr.rollout.generate import token_logps
+
+        logps, _ = token_logps(module.policy, rollouts, 1.0, module.forbidden_ids)
+        (logps * rollouts.loss_mask).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in module.policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)

@@ -103,6 +103,8 @@ class ModelSpec:
         if self.quantization is not None:
             kwargs["quantization_config"] = self._quantization_config()
         model = AutoModelForImageTextToText.from_pretrained(local, **kwargs)
+        if self.quantization is not None:
+            _keep_4bit_weights_trainable(model)
         if self.freeze_vision:
             for p in _vision_tower(model).parameters():
                 p.requires_grad_(False)
@@ -132,10 +134,28 @@ class ModelSpec:
 
         if self.quantization is not None:
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=self.gradient_checkpointing
+                model,
+                use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
         return get_peft_model(model, config)
+
+
+def _keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) converts a Linear4bit's weights, once and for
+    good, the first time it runs in eval mode on an input without grad (as when sampling): the
+    block scales are rounded to bf16 and later forwards take a kernel with no backward, so after
+    the first rollout gradients stop at every 4-bit layer (layers with a bias raise instead) and
+    the policy that sampled is not the one the training forward scores.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _vision_tower(model) -> torch.nn.Module:
