@@ -31,6 +31,11 @@ from medvr.rollout.generate import token_logps
 REWARD_COLUMNS = ("id", "question", "options", "answer", "modality", "bbox")
 
 
+def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Std of each group's rewards (NaN = no reward counts as 0): [N] -> [B]."""
+    return rewards.nan_to_num(0.0).view(-1, group_size).std(dim=1)
+
+
 class GRPOModule(L.LightningModule):
     def __init__(
         self,
@@ -98,9 +103,7 @@ class GRPOModule(L.LightningModule):
         opt = self.optimizers()
         parts_sum: dict[str, float] = defaultdict(float)
         for _ in range(algo.num_iterations):
-            for lo in range(0, len(rollouts), algo.micro_batch_size):
-                hi = min(lo + algo.micro_batch_size, len(rollouts))
-                mb = rollouts.rows(lo, hi)
+            for lo, hi, mb in rollouts.micro_batches(algo.micro_batch_size):
                 logps, _ = token_logps(self.policy, mb, algo.temperature, self.forbidden_ids)
                 loss, parts = policy_loss(
                     logps,
@@ -137,7 +140,7 @@ class GRPOModule(L.LightningModule):
         if self.algo.mask_truncated_completions:
             keep = keep * (~rollouts.truncated).float()
         if self.algo.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
-            spread = rewards.nan_to_num(0.0).view(-1, self.algo.group_size).std(dim=1) > 1e-6  # [B]
+            spread = _group_std(rewards, self.algo.group_size) > 1e-6  # [B]
             keep = keep * spread.repeat_interleave(self.algo.group_size).float()
         return mask * keep.unsqueeze(1)
 
@@ -168,10 +171,10 @@ class GRPOModule(L.LightningModule):
         return old, ref
 
     def _batched_logps(self, model, rollouts: Rollouts) -> torch.Tensor:
-        chunks = []
-        for lo in range(0, len(rollouts), self.algo.micro_batch_size):
-            mb = rollouts.rows(lo, min(lo + self.algo.micro_batch_size, len(rollouts)))
-            chunks.append(token_logps(model, mb, self.algo.temperature, self.forbidden_ids)[0])
+        chunks = [
+            token_logps(model, mb, self.algo.temperature, self.forbidden_ids)[0]
+            for _, _, mb in rollouts.micro_batches(self.algo.micro_batch_size)
+        ]
         return torch.cat(chunks)  # [N, L]
 
     def _micro_weight(self, mask: torch.Tensor, lo: int, hi: int) -> float:
@@ -185,7 +188,7 @@ class GRPOModule(L.LightningModule):
     def _log_train(self, rollouts: Rollouts, rewards, terms, parts: dict[str, float], stepped: bool) -> None:
         g = self.algo.group_size
         finite = rewards.nan_to_num(0.0)
-        group_std = finite.view(-1, g).std(dim=1)  # [B]
+        group_std = _group_std(rewards, g)  # [B]
         policy_mask = rollouts.loss_mask.float()
         metrics = {
             "train/loss": parts["loss"],

@@ -9,7 +9,6 @@ loaded, so bad input fails before any expensive work.
 from __future__ import annotations
 
 import gc
-import logging
 
 import lightning as L
 import torch
@@ -19,8 +18,6 @@ from omegaconf import DictConfig
 
 from medvr.module import GRPOModule
 from medvr.tracking.run import describe, log_config, make_logger, record_failure
-
-log = logging.getLogger(__name__)
 
 
 def _choices() -> dict[str, str | None]:

@@ -57,6 +57,12 @@ class Rollouts:
             extras={k: v[start:stop] for k, v in self.extras.items()},
         )
 
+    def micro_batches(self, size: int):
+        """(start, stop, rows) for consecutive micro-batches of at most `size` trajectories."""
+        for lo in range(0, len(self), size):
+            hi = min(lo + size, len(self))
+            yield lo, hi, self.rows(lo, hi)
+
     def model_inputs(self) -> dict[str, Tensor]:
         return {
             "input_ids": self.input_ids,

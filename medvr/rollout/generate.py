@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from medvr.grpo import selective_log_softmax
+from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
 
 
@@ -82,8 +82,6 @@ def token_logps(
     Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
     over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids).
     """
-    from medvr.grpo import entropy_from_logits
-
     n, length = rollouts.input_ids.shape
     start = max(rollouts.policy_start, 1)
     keep = length - start + 1  # logits at [start-1, L) predict tokens [start, L+1)
