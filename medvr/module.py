@@ -67,6 +67,7 @@ class GRPOModule(L.LightningModule):
         self.last_samples: list[dict] = []
         self._window: list[dict[str, float]] = []  # train metrics of the current accumulation window
         self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
+        self._reward_stats: dict[str, float] = {}  # monitors of the last reward call (train/cca/*)
         self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
 
     # --- setup -------------------------------------------------------------------------------
@@ -92,12 +93,14 @@ class GRPOModule(L.LightningModule):
             self.policy, self.processor, self.prompt, batch, group_size=algo.group_size, temperature=algo.temperature
         )
         self.policy.train()
-        columns = {k: [r[k] for r in batch for _ in range(algo.group_size)] for k in REWARD_COLUMNS}
+        columns = self._reward_columns(batch, rollouts)
         totals, terms = self.reward.score(rollouts.completions, **columns)
         rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)  # [N]
         advantages = group_advantages(rewards, algo.group_size, scale=algo.scale_rewards, eps=algo.advantage_eps)
         mask = self._loss_mask(rollouts, rewards)  # [N, L]
         advantages = self._token_credit(rollouts, advantages, mask)  # [N] or [N, L]
+        advantages = self._span_credit(rollouts, advantages, terms)  # [N] or [N, L]
+        self._reward_stats = self.reward.stats(terms, rollouts.completions, **columns)
 
         old, ref = self._fixed_logps(rollouts)
         opt = self.optimizers()
@@ -132,6 +135,32 @@ class GRPOModule(L.LightningModule):
                 opt.zero_grad(set_to_none=True)
         self._log_train(rollouts, rewards, terms, parts_sum, stepped)
         self._keep_samples(batch, rollouts, rewards, terms)
+
+    def _reward_columns(self, batch: list[dict], rollouts: Rollouts) -> dict[str, list]:
+        """Dataset columns per completion, plus its group (prompt) and the pixel boxes it zoomed into."""
+        g = self.algo.group_size
+        columns = {k: [r[k] for r in batch for _ in range(g)] for k in REWARD_COLUMNS}
+        columns["group"] = [i // g for i in range(len(rollouts))]
+        zooms = rollouts.extras.get("zooms", [[] for _ in range(len(rollouts))])
+        columns["zoom_boxes"] = [[z.box for z in row if z.box is not None] for row in zooms]
+        return columns
+
+    def _span_credit(self, rollouts: Rollouts, advantages: torch.Tensor, terms) -> torch.Tensor:
+        """CCA, credit=token: add each span term's group-normalised advantage on the zoom-action tokens only."""
+        if not self.reward.span_terms:
+            return advantages
+        spans = torch.zeros_like(rollouts.loss_mask, dtype=torch.float32)  # [N, L]
+        for row, zooms in enumerate(rollouts.extras.get("zooms", [])):
+            for zoom in zooms:
+                spans[row, zoom.span[0] : zoom.span[1]] = 1.0
+        total = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(spans)  # [N, L]
+        for name in self.reward.span_terms:
+            values = torch.tensor([math.nan if v is None else v for v in terms[name]], device=spans.device)  # [N]
+            span_adv = group_advantages(
+                values, self.algo.group_size, scale=self.algo.scale_rewards, eps=self.algo.advantage_eps
+            )  # [N]
+            total = total + self.reward.weights[name] * span_adv.unsqueeze(1) * spans  # [N, L]
+        return total
 
     def _loss_mask(self, rollouts: Rollouts, rewards: torch.Tensor) -> torch.Tensor:
         """Policy tokens that enter the loss: minus truncated completions and uninformative groups, if asked."""
@@ -206,6 +235,10 @@ class GRPOModule(L.LightningModule):
             known = [v for v in values if v is not None]
             if known:
                 metrics[f"train/reward/{name}"] = sum(known) / len(known)
+        for name, value in self.explore.stats(rollouts).items():
+            metrics[f"train/explore/{name}"] = value
+        for name, value in self._reward_stats.items():
+            metrics[f"train/{name}"] = value
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         if self.algo.top_entropy_quantile < 1.0:
             metrics["train/entropy_mask_frac"] = self._entropy_kept
@@ -233,6 +266,7 @@ class GRPOModule(L.LightningModule):
                 "completion": rollouts.completions[i],
                 "reward": float(rewards[i]),
                 "terms": {k: v[i] for k, v in terms.items()},
+                "crops": rollouts.extras["crops"][i] if "crops" in rollouts.extras else [],
             }
             for i in range(min(self.samples_to_keep, len(rollouts)))
         ]

@@ -10,19 +10,37 @@ from medvr.data.schema import LETTERS
 
 
 class PromptBuilder:
-    """Formats `question` + lettered `options` with an instruction into a Qwen-style chat."""
+    """Formats `question` + lettered `options` with an instruction into a Qwen-style chat.
 
-    def __init__(self, template: str, system: str | None = None):
+    It also holds the text of the zoom protocol (tool instructions and observation turns), so the
+    tiny model's warm start and the zoom environment speak exactly the same language.
+    """
+
+    def __init__(
+        self,
+        template: str,
+        system: str | None = None,
+        zoom_system: str | None = None,
+        observation: str | None = None,
+        invalid_observation: str | None = None,
+    ):
         self.template = template
         self.system = system
+        self.zoom_system = zoom_system
+        self.observation = observation
+        self.invalid_observation = invalid_observation
 
     def text(self, question: str, options: list[str]) -> str:
         lines = "\n".join(f"{LETTERS[i]}) {opt}" for i, opt in enumerate(options))
         return self.template.format(question=question, options=lines)
 
-    def messages(self, record: dict) -> list[dict]:
-        """Chat messages for one record; the image comes first, as in Qwen2-VL's examples."""
-        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
+    def messages(self, record: dict, system: str | None = None) -> list[dict]:
+        """Chat messages for one record; the image comes first, as in Qwen2-VL's examples.
+
+        `system` (e.g. an explore option's tool instructions) replaces the prompt's own system turn.
+        """
+        system = system if system is not None else self.system
+        msgs = [] if system is None else [{"role": "system", "content": system}]
         msgs.append(
             {
                 "role": "user",

@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         spec.check()
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
+        parts["reward"].check_data(datamodule.splits, datamodule.source.name)
         module = GRPOModule(model=spec, **parts)
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)

@@ -26,7 +26,9 @@ def test_every_option_instantiates(group, option, tmp_path):
     obj = instantiate(cfg[group])
     assert obj is not None
     if group == "reward":
-        scores = obj(["<think>x</think><answer>A</answer>"], answer=["A"], options=[["a", "b"]])
+        # the columns GRPOModule passes: dataset columns, the completion's group and its zoom boxes
+        columns = dict(answer=["A"], options=[["a", "b"]], bbox=[[0, 0, 8, 8]], group=[0], zoom_boxes=[[]])
+        scores = obj(["<think>x</think><answer>A</answer>"], **columns)
         assert len(scores) == 1 and scores[0] > 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from medvr.data import synthetic
-from medvr.explore.none import SingleTurn
+from medvr.explore.engine import MultiTurn
 from medvr.rollout.encode import vision_token_ids
 from medvr.rollout.generate import token_logps
 
@@ -31,7 +31,7 @@ def test_generation_logps_match_training_forward(tiny):
     assert len({r["image"].size for r in records}) == 3
     # different question lengths -> different prompt lengths -> left padding
     torch.manual_seed(0)
-    rollouts = SingleTurn(max_new_tokens=24).rollout(
+    rollouts = MultiTurn(max_new_tokens=24).rollout(
         model, processor, prompt, records, group_size=2, temperature=1.0
     )
     assert (rollouts.attention_mask[:, 0] == 0).any(), "the batch should be left-padded"
@@ -46,7 +46,7 @@ def test_generation_logps_match_training_forward(tiny):
 def test_micro_batches_reproduce_the_full_batch(tiny):
     model, processor, prompt = tiny
     records = _mixed_size_records(2)
-    rollouts = SingleTurn(max_new_tokens=16).rollout(model, processor, prompt, records, group_size=2, temperature=1.0)
+    rollouts = MultiTurn(max_new_tokens=16).rollout(model, processor, prompt, records, group_size=2, temperature=1.0)
     forbidden = _forbidden(processor)
     full, _ = token_logps(model, rollouts, 1.0, forbidden)
     parts = [token_logps(model, rollouts.rows(lo, lo + 1), 1.0, forbidden)[0] for lo in range(len(rollouts))]

@@ -18,7 +18,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from medvr.explore.none import SingleTurn
+from medvr.explore.engine import MultiTurn
 from medvr.rollout.encode import vision_token_ids
 from medvr.rollout.generate import token_logps
 from test_logprobs import _mixed_size_records
@@ -31,7 +31,7 @@ def batch(tiny):
     model, processor, prompt = tiny
     records = _mixed_size_records(3)
     torch.manual_seed(0)
-    rollouts = SingleTurn(max_new_tokens=24).rollout(
+    rollouts = MultiTurn(max_new_tokens=24).rollout(
         model, processor, prompt, records, group_size=2, temperature=TEMPERATURE
     )
     assert (rollouts.attention_mask[:, 0] == 0).any(), "the batch should be left-padded"

@@ -39,8 +39,10 @@ class ModelSpec:
         gradient_checkpointing: bool,
         lora: dict | None = None,
         quantization: str | None = None,
+        box_scale: int | None = None,
     ):
         self.name = name
+        self.box_scale = box_scale  # coordinate convention of zoom boxes (read by the zoom environment)
         self.hub_id = hub_id
         self.path = path
         self.dtype = dtype

@@ -21,7 +21,7 @@ from medvr.prompts import PromptBuilder
 log = logging.getLogger(__name__)
 
 MANIFEST = "medvr_build.json"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 def _sha256(path: Path) -> str:
@@ -52,8 +52,11 @@ class TinyQwen2VL(ModelSpec):
             "text": dict(text),
             "vision": dict(vision),
             "warm_start": dict(warm_start),
-            "prompt": {"system": prompt.system, "template": prompt.template},
+            "prompt": {
+                k: getattr(prompt, k) for k in ("system", "template", "zoom_system", "observation", "invalid_observation")
+            },
             "pixels": [self.min_pixels, self.max_pixels],
+            "box_scale": self.box_scale,
         }
         key = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:12]
         self.build_dir = self.cache_dir / f"tiny-qwen2vl-{key}"

@@ -2,13 +2,16 @@
 
 The warm start teaches `<think>{rationale}</think><answer>{letter}</answer>` on synthetic items
 of a split that training and evaluation never see; it is kept short on purpose so the policy is
-well-formed but far from perfect, leaving GRPO something to improve.
+well-formed but far from perfect, leaving GRPO something to improve. Under the zoom system prompt
+some items also demonstrate the zoom tool (a jittered box around the lesion, the crop observed,
+then the rationale), so the zooming explore options start from a policy that can write a box.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from transformers import (
 )
 
 from medvr.data import synthetic
+from medvr.explore.trajectory import Trajectory, assemble
+from medvr.explore.zoom import ZoomEnv
 from medvr.models.tiny_tokenizer import train_tokenizer
 from medvr.prompts import PromptBuilder
 
@@ -48,7 +53,7 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
     )
-    _warm_start(model, processor, prompt, items, ws)
+    _warm_start(model, processor, prompt, items, ws, params)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
@@ -81,30 +86,60 @@ def _config(tokenizer, params: dict) -> Qwen2VLConfig:
     )
 
 
-def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict) -> None:
-    """Teacher-forced cross-entropy on the answer turn only (prompt tokens are label -100)."""
-    tokenizer = processor.tokenizer
-    batches = []
-    for start in range(0, len(items), ws["batch_size"]):
-        chunk = items[start : start + ws["batch_size"]]
-        prompts = [
-            processor.apply_chat_template(prompt.messages(it.record), add_generation_prompt=True, tokenize=False)
-            for it in chunk
-        ]
-        targets = [
-            f"<think>{it.rationale}</think><answer>{it.record['answer']}</answer><|im_end|>" for it in chunk
-        ]
-        enc = processor(
-            text=[p + t for p, t in zip(prompts, targets)],
-            images=[it.record["image"] for it in chunk],
-            padding=True,
-            return_tensors="pt",
+def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, zoom: dict, rng) -> Trajectory:
+    """One teacher trajectory: prompt, then the answer turn, optionally with a zoom onto the lesion first."""
+    record = item.record
+    system = prompt.zoom_system if env is not None else None
+    text = processor.apply_chat_template(prompt.messages(record, system=system), add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[record["image"]], return_tensors="pt")
+    traj = Trajectory.from_prompts(enc, [record])[0]
+    answer = f"{item.rationale}</think><answer>{record['answer']}</answer><|im_end|>"
+    tok = processor.tokenizer
+
+    def policy(s: str) -> None:
+        ids = torch.tensor(tok(s, add_special_tokens=False)["input_ids"])
+        traj._add(ids, torch.zeros_like(ids), loss=1)
+
+    if env is None or rng.random() >= zoom['rate']:
+        policy("<think>" + answer)
+        return traj
+    w, h = record["image"].size
+    x1, y1, x2, y2 = record["bbox"]
+    pad = zoom["jitter"] * max(x2 - x1, y2 - y1)
+    box = [x1 - pad * rng.random(), y1 - pad * rng.random(), x2 + pad * rng.random(), y2 + pad * rng.random()]
+    box = env.from_pixels(tuple(int(round(min(max(v, 0), lim))) for v, lim in zip(box, (w, h, w, h))), w, h)
+    action = f"<zoom>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</zoom>"
+    policy("<think>Let me look closer." + action)
+    obs = env.step(action, record["image"])
+    enc = processor(text=[obs.text], images=[obs.image], return_tensors="pt")
+    traj.add_observation(enc["input_ids"][0], enc["mm_token_type_ids"][0], (enc["pixel_values"], enc["image_grid_thw"][0]), obs.image)
+    policy(answer)
+    return traj
+
+
+def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, params: dict) -> None:
+    """Teacher-forced cross-entropy on the answer turns only (prompt and observation tokens are label -100)."""
+    rng = random.Random(0)
+    env = None
+    if ws["zoom"]["fraction"] > 0:
+        env = ZoomEnv(
+            box_scale=params["box_scale"],
+            min_side=ws["zoom"]["min_side"],
+            upscale=ws["zoom"]["upscale"],
+            min_pixels=params["pixels"][0],
+            max_pixels=params["pixels"][1],
+            observation=prompt.observation,
+            invalid_observation=prompt.invalid_observation,
         )
-        labels = torch.full_like(enc["input_ids"], -100)
-        for row, target in enumerate(targets):
-            n = len(tokenizer(target, add_special_tokens=False)["input_ids"])
-            labels[row, -n:] = enc["input_ids"][row, -n:]  # left padding: the target is at the end
-        batches.append((dict(enc), labels))
+    demos = [
+        _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
+        for it in items
+    ]
+    batches = []
+    for start in range(0, len(demos), ws["batch_size"]):
+        batch = assemble(demos[start : start + ws["batch_size"]], processor.tokenizer.pad_token_id, 1, "cpu")
+        labels = torch.where(batch.loss_mask.bool(), batch.input_ids, -100)
+        batches.append((batch.model_inputs(), labels))
     optim = torch.optim.AdamW(model.parameters(), lr=ws["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws["steps"]))

@@ -36,6 +36,13 @@ def extract_answer(text: str) -> str | None:
     return matches[-1].strip() if matches else None
 
 
+def chosen_letter(text: str) -> str | None:
+    """The one option letter a completion's <answer> holds in exact form ("B", "(b)", "B."), upper-cased; else None."""
+    answer = extract_answer(text)
+    exact = _EXACT.fullmatch(answer) if answer is not None else None
+    return (exact.group(1) or exact.group(2)).upper() if exact else None
+
+
 def _option_letters(options: list[str] | None) -> str:
     return string.ascii_uppercase if options is None else string.ascii_uppercase[: len(options)]
 

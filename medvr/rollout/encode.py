@@ -8,13 +8,20 @@ from torch import Tensor
 from medvr.prompts import PromptBuilder
 
 
-def encode_prompts(processor, prompt: PromptBuilder, records: list[dict], repeat: int) -> dict[str, Tensor]:
-    """Left-padded processor output with every prompt's row (and image) repeated `repeat` times, contiguously."""
+def encode_prompts(
+    processor, prompt: PromptBuilder, records: list[dict], repeat: int, system: str | None = None
+) -> dict[str, Tensor]:
+    """Left-padded processor output with every prompt's row (and image) repeated `repeat` times, contiguously.
+
+    `system` replaces the prompt's system turn (an explore option's tool instructions).
+    """
     texts = [
-        processor.apply_chat_template(prompt.messages(r), add_generation_prompt=True, tokenize=False)
+        processor.apply_chat_template(prompt.messages(r, system=system), add_generation_prompt=True, tokenize=False)
         for r in records
     ]
-    enc = processor(text=texts, images=[r["image"] for r in records], padding=True, return_tensors="pt")
+    enc = processor(
+        text=texts, images=[r["image"] for r in records], padding=True, padding_side="left", return_tensors="pt"
+    )
     rows = {k: enc[k].repeat_interleave(repeat, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     patches = enc["image_grid_thw"].prod(-1).tolist()  # one image per prompt
     per_image = torch.split(enc["pixel_values"], patches)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
@@ -22,10 +22,26 @@ from medvr.rollout.batch import Rollouts
 @dataclass
 class Sample:
     tokens: Tensor  # [N, Lc] generated ids, pad after the end
-    mask: Tensor  # [N, Lc] 1 up to and including the first stop token
+    mask: Tensor  # [N, Lc] 1 up to and including the first stop token (or the end of a stop string)
     logps: Tensor  # [N, Lc] log-prob of each token under softmax(logits / T)
     entropies: Tensor  # [N, Lc] entropy of softmax(logits / T)
     truncated: Tensor  # [N] no stop token within the budget
+    stopped_by_string: Tensor  # [N] bool: ended by one of the stop strings (e.g. </zoom>)
+
+
+class _FirstStop(StoppingCriteria):
+    """Stop strings (HF's StopStringCriteria) that also remember the step at which each row first matched."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_len: int, rows: int, device):
+        self.inner = StopStringCriteria(tokenizer, stop_strings)
+        self.prompt_len = prompt_len
+        self.step = torch.full((rows,), -1, dtype=torch.long, device=device)  # [N] -1 = never
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        done = self.inner(input_ids, scores)  # [N]
+        first = done & (self.step < 0)
+        self.step[first] = input_ids.shape[1] - 1 - self.prompt_len
+        return done
 
 
 def generation_config(
@@ -47,10 +63,22 @@ def generation_config(
 
 
 @torch.no_grad()
-def sample(model, inputs: dict[str, Tensor], config: GenerationConfig, temperature: float) -> Sample:
-    """One batched `generate` call over every row of `inputs` (all prompts x all completions)."""
-    out = model.generate(**inputs, generation_config=config)
+def sample(
+    model,
+    inputs: dict[str, Tensor],
+    config: GenerationConfig,
+    temperature: float,
+    stop_strings: list[str] | None = None,
+    tokenizer=None,
+) -> Sample:
+    """One batched `generate` call over every row of `inputs` (all prompts x all completions).
+
+    A row ends at a stop token, or right after any of `stop_strings` (which may span several tokens).
+    """
     prompt_len = inputs["input_ids"].shape[1]
+    rows, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
+    criteria = [_FirstStop(tokenizer, stop_strings, prompt_len, rows, device)] if stop_strings else []
+    out = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList(criteria))
     tokens = out.sequences[:, prompt_len:]  # [N, Lc]
     logps, entropies = [], []
     forbidden = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=tokens.device)
@@ -64,20 +92,28 @@ def sample(model, inputs: dict[str, Tensor], config: GenerationConfig, temperatu
     stop_ids = torch.tensor(config.eos_token_id, device=tokens.device)
     is_stop = torch.isin(tokens, stop_ids)  # [N, Lc]
     ended_before = (is_stop.cumsum(dim=1) - is_stop.long()) > 0  # [N, Lc] a stop token came earlier
+    by_string = torch.zeros(rows, dtype=torch.bool, device=device)  # [N]
+    if criteria:
+        string_end = criteria[0].step  # [N]
+        first_stop = torch.where(is_stop.any(dim=1), is_stop.long().argmax(dim=1), tokens.shape[1])  # [N]
+        by_string = (string_end >= 0) & (string_end < first_stop)
+        cols = torch.arange(tokens.shape[1], device=device)
+        ended_before |= by_string.unsqueeze(1) & (cols > string_end.unsqueeze(1))
     mask = (~ended_before).long()  # [N, Lc]
     return Sample(
         tokens=tokens,
         mask=mask,
         logps=logps_t * mask,
         entropies=entropies_t * mask,
-        truncated=~is_stop.any(dim=1),
+        truncated=~(is_stop.any(dim=1) | by_string),
+        stopped_by_string=by_string,
     )
 
 
 def token_logps(
     model, rollouts: Rollouts, temperature: float, forbidden_ids: Tensor, with_entropy: bool = False
 ):
-    """Per-token log-probs (and optionally entropies) of every token under `model`: [N, L], 0 before the policy window.
+    """Per-token log-probs (and optionally entropies) of the policy tokens under `model`: [N, L], 0 elsewhere.
 
     Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
     over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids).
@@ -90,7 +126,10 @@ def token_logps(
     logits.index_fill_(-1, forbidden_ids.to(logits.device), float("-inf"))  # outputs of div: safe in place
     targets = rollouts.input_ids[:, start:]  # [N, L-start]
     logps = torch.zeros(n, length, device=logits.device)
-    logps[:, start:] = selective_log_softmax(logits, targets)
+    # observation tokens of multi-turn rollouts (image placeholders) are forbidden to the policy (-inf):
+    # keep only policy tokens, so KL and ratios never meet -inf - -inf
+    policy = rollouts.loss_mask[:, start:].bool()
+    logps[:, start:] = torch.where(policy, selective_log_softmax(logits, targets), 0.0)
     if not with_entropy:
         return logps, None
     entropies = torch.zeros_like(logps)

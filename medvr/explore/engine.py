@@ -1,0 +1,291 @@
+"""The multi-turn rollout engine behind every explore option (none, tool, evr, random_crop).
+
+All B*G trajectories advance together: one batched `generate` per turn over the rows still
+running, then per-row bookkeeping (no model call inside a per-sample loop). A turn ends at a
+stop token, at `</zoom>` (the environment answers with a crop observation) or at a trigger
+(EVR / random_crop cut the row there and force a zoom). Each trajectory is one row of prompt,
+policy, forced and observation tokens; only policy tokens have loss mask 1.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from medvr.explore.trajectory import Trajectory, Zoom, assemble
+from medvr.explore.zoom import ACTION_CLOSE, ACTION_OPEN, ZoomEnv
+from medvr.prompts import PromptBuilder
+from medvr.rollout.batch import Rollouts
+from medvr.rollout.encode import encode_prompts, stop_token_ids, vision_token_ids
+from medvr.rollout.generate import generation_config, sample
+
+# text that closes the window in which a trigger may fire: the model is acting or answering
+WINDOW_ENDS = ("</think>", "<answer>", ACTION_OPEN)
+
+
+@dataclass
+class _Turn:
+    """One row's output of the current turn, before the engine decides what happens next."""
+
+    tokens: Tensor  # [n] policy tokens kept
+    logps: Tensor
+    entropies: Tensor
+    cut: int = -1  # trigger position (tokens from there on are discarded), -1 = none
+    ended: str = "eos"  # eos | action | budget
+
+
+def _token_index(pieces: list[str], markers: tuple[str, ...], last: bool = False) -> int | None:
+    """Index of the token where the first (or last) occurrence of any marker starts, from per-token texts."""
+    text = "".join(pieces)
+    found = [(text.rfind(m) if last else text.find(m)) for m in markers]
+    found = [i for i in found if i >= 0]
+    if not found:
+        return None
+    char = max(found) if last else min(found)
+    ends = list(_cumulative(pieces))
+    return bisect.bisect_right(ends, char)
+
+
+def _cumulative(pieces: list[str]):
+    total = 0
+    for p in pieces:
+        total += len(p)
+        yield total
+
+
+class MultiTurn:
+    """Rollouts with an optional zoom tool (`max_turns` > 0) and an optional forced trigger."""
+
+    def __init__(
+        self,
+        max_new_tokens: int,
+        max_turns: int = 0,
+        max_total_tokens: int | None = None,
+        system: str | None = None,
+        env: ZoomEnv | None = None,
+        trigger=None,
+        trigger_at_eval: bool = False,
+        mask_over_turn: bool = False,
+    ):
+        if max_turns > 0 and env is None:
+            raise ValueError("explore.max_turns > 0 needs explore.env (the zoom environment)")
+        if trigger is not None and max_turns < 1:
+            raise ValueError("explore.trigger needs explore.max_turns >= 1 (a trigger forces a zoom)")
+        self.max_new_tokens = max_new_tokens
+        self.max_turns = max_turns
+        self.max_total_tokens = max_total_tokens
+        self.system = system
+        self.env = env
+        self.trigger = trigger
+        self.trigger_at_eval = trigger_at_eval
+        self.mask_over_turn = mask_over_turn
+
+    # --- public --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(
+        self,
+        model,
+        processor,
+        prompt: PromptBuilder,
+        records: list[dict],
+        *,
+        group_size: int,
+        temperature: float,
+        greedy: bool = False,
+    ) -> Rollouts:
+        device = next(model.parameters()).device
+        trigger = self.trigger if (not greedy or self.trigger_at_eval) else None
+        branch = trigger is not None and trigger.branch and not greedy
+        if branch and group_size % 2:
+            raise ValueError(f"explore.trigger.branch needs an even algo.group_size, got {group_size}")
+        roots = group_size // 2 if branch else group_size
+        enc = encode_prompts(processor, prompt, records, roots, system=self.system)
+        trajs = Trajectory.from_prompts(enc, [r for r in records for _ in range(roots)])
+        config = dict(
+            temperature=temperature,
+            greedy=greedy,
+            stop_ids=stop_token_ids(processor),
+            pad_id=processor.tokenizer.pad_token_id,
+            forbidden_ids=vision_token_ids(processor),
+        )
+        vocab = model.config.get_text_config().vocab_size - len(config["forbidden_ids"])
+        first_turn = True
+        while active := [t for t in trajs if not t.done]:
+            for t in active:
+                if t.policy_tokens >= self.max_new_tokens:  # budget spent (e.g. just before a forced action)
+                    _finish(t, True, processor.tokenizer)
+            if not (active := [t for t in active if not t.done]):
+                break
+            turns = self._generate(model, processor, active, config, temperature, device)
+            if trigger is not None:
+                self._apply_trigger(trigger, processor.tokenizer, active, turns, vocab)
+            if branch and first_turn:  # keep an un-regrounded twin right after every root: the group contrasts both
+                twins = [t.copy() for t in active]
+                for twin in twins:
+                    twin.can_trigger = False
+                trajs = active = [x for pair in zip(active, twins) for x in pair]
+                turns = [x for x in turns for _ in range(2)]
+            observations = [self._advance(t, turn, processor.tokenizer, trigger) for t, turn in zip(active, turns)]
+            self._observe(processor, [(t, o) for t, o in zip(active, observations) if o is not None])
+            first_turn = False
+        if self.mask_over_turn:
+            for t in trajs:
+                t.masked = t.over_turn
+        return assemble(trajs, processor.tokenizer.pad_token_id, group_size, device)
+
+    def stats(self, rollouts: Rollouts) -> dict[str, float]:
+        """train/explore/* metrics of one batch of trajectories."""
+        zooms = rollouts.extras.get("zooms", [[] for _ in range(len(rollouts))])
+        n = max(len(zooms), 1)
+        forced = [z for row in zooms for z in row if z.forced]
+        entropies = [z.entropy for z in forced if z.entropy is not None]
+        out = {
+            "zooms_per_rollout": sum(len(row) for row in zooms) / n,
+            "trigger_rate": sum(any(z.forced for z in row) for row in zooms) / n,
+            "invalid_actions": sum(z.error is not None for row in zooms for z in row) / n,
+            "turns": sum(1 + len(row) for row in zooms) / n,
+        }
+        if entropies:
+            out["entropy_at_trigger"] = sum(entropies) / len(entropies)
+        return out
+
+    # --- one turn --------------------------------------------------------------------------------
+    def _generate(self, model, processor, active: list[Trajectory], config: dict, temperature: float, device):
+        """One batched generate over the running rows; returns each row's raw turn output."""
+        budget = max(self.max_new_tokens - t.policy_tokens for t in active)
+        inputs = {k: v.to(device) for k, v in _batch(active, processor.tokenizer.pad_token_id).items()}
+        stops = [ACTION_CLOSE] if self.max_turns > 0 else None
+        out = sample(
+            model,
+            inputs,
+            generation_config(max_new_tokens=budget, **config),
+            temperature,
+            stop_strings=stops,
+            tokenizer=processor.tokenizer,
+        )
+        turns = []
+        for r, t in enumerate(active):
+            n = int(out.mask[r].sum())
+            limit = self.max_new_tokens - t.policy_tokens
+            ended = "action" if out.stopped_by_string[r] else ("budget" if out.truncated[r] else "eos")
+            if n > limit:
+                n, ended = limit, "budget"
+            turns.append(_Turn(out.tokens[r, :n].cpu(), out.logps[r, :n].cpu(), out.entropies[r, :n].cpu(), ended=ended))
+        return turns
+
+    def _apply_trigger(self, trigger, tokenizer, active: list[Trajectory], turns: list[_Turn], vocab: int) -> None:
+        """Mark each row's cut position: first allowed position the trigger picks (DESIGN.md, EVR)."""
+        width = max(len(x.tokens) for x in turns)
+        if width == 0:
+            return
+        allowed = torch.zeros(len(turns), width, dtype=torch.bool)
+        entropies = torch.zeros(len(turns), width)
+        for r, (t, x) in enumerate(zip(active, turns)):
+            n = len(x.tokens)
+            entropies[r, :n] = x.entropies
+            if t.in_action or not t.can_trigger or t.triggers >= trigger.max_triggers or len(t.zooms) >= self.max_turns:
+                continue
+            pieces = tokenizer.batch_decode(x.tokens.unsqueeze(1))
+            end = _token_index(pieces, WINDOW_ENDS)
+            allowed[r, trigger.min_tokens : n if end is None else min(end, n)] = True
+        cuts = trigger.positions(entropies, allowed, vocab)
+        for r, x in enumerate(turns):
+            x.cut = int(cuts[r])
+
+    def _advance(self, t: Trajectory, turn: _Turn, tokenizer, trigger) -> tuple[Zoom, object] | None:
+        """Append this turn to the row; return a pending zoom (action text span) for the environment."""
+        cut = turn.cut if t.can_trigger else -1
+        keep = slice(0, cut) if cut >= 0 else slice(None)
+        tokens = turn.tokens[keep]
+        start = t.length
+        t.add_policy(tokens, turn.logps[keep], turn.entropies[keep], tokenizer)
+        if cut >= 0:
+            t.triggers += 1
+            entropy = float(turn.entropies[cut])
+            if trigger.writes_box:
+                image = t.record["image"]
+                box = self.env.from_pixels(trigger.box(*image.size), *image.size)
+                action = f"{ACTION_OPEN}[{box[0]}, {box[1]}, {box[2]}, {box[3]}]{ACTION_CLOSE}"
+                span_start = t.length
+                t.add_forced(tokenizer(action, add_special_tokens=False)["input_ids"], action)
+                return self._zoom(t, Zoom(action, span=(span_start, t.length), forced=True, entropy=entropy))
+            prefix = f"{ACTION_OPEN}["
+            t.pending = Zoom(prefix, span=(t.length, t.length), forced=True, entropy=entropy)
+            t.add_forced(tokenizer(prefix, add_special_tokens=False)["input_ids"], prefix)
+            t.in_action = True
+            return None
+        if turn.ended == "action":
+            if t.pending is not None:
+                zoom, t.pending = t.pending, None
+            else:
+                pieces = tokenizer.batch_decode(tokens.unsqueeze(1))
+                at = _token_index(pieces, (ACTION_OPEN,), last=True) or 0
+                zoom = Zoom("", span=(start + at, start + at), forced=False)
+            zoom.span = (zoom.span[0], t.length)
+            zoom.action = tokenizer.decode(t.all_ids()[zoom.span[0] : zoom.span[1]])
+            t.in_action = False
+            return self._zoom(t, zoom)
+        _finish(t, turn.ended == "budget", tokenizer)
+        return None
+
+    def _zoom(self, t: Trajectory, zoom: Zoom):
+        if len(t.zooms) >= self.max_turns:  # one zoom too many: cut by the turn limit
+            t.done, t.truncated, t.over_turn = True, True, True
+            return None
+        obs = self.env.step(zoom.action, t.record["image"])
+        zoom.box, zoom.error = obs.box, obs.error
+        return zoom, obs
+
+    def _observe(self, processor, pending: list) -> None:
+        """Encode every pending observation in one processor call and append it to its row."""
+        if not pending:
+            return
+        obs = [o for _, (_, o) in pending]
+        images = [o.image for o in obs if o.image is not None]
+        enc = processor(
+            text=[o.text for o in obs], images=images or None, padding=True, padding_side="left", return_tensors="pt"
+        )
+        patches = enc["image_grid_thw"].prod(-1).tolist() if images else []
+        pixel_chunks = iter(torch.split(enc["pixel_values"], patches)) if images else iter(())
+        grids = iter(enc["image_grid_thw"]) if images else iter(())
+        for r, (t, (zoom, o)) in enumerate(pending):
+            keep = enc["attention_mask"][r].bool()
+            ids, mm = enc["input_ids"][r][keep], enc["mm_token_type_ids"][r][keep]
+            if self.max_total_tokens is not None and t.length - t.prompt_len + len(ids) > self.max_total_tokens:
+                t.done, t.truncated = True, True  # no room for the observation: cut by the token budget
+                t.zooms.append(zoom)
+                continue
+            image = (next(pixel_chunks), next(grids)) if o.image is not None else None
+            t.add_observation(ids, mm, image, o.image)
+            t.zooms.append(zoom)
+
+
+def _finish(t: Trajectory, truncated: bool, tokenizer) -> None:
+    """End a trajectory; a forced action still waiting for its box counts as an invalid zoom."""
+    if t.pending is not None:
+        zoom, t.pending = t.pending, None
+        zoom.span = (zoom.span[0], t.length)
+        zoom.action = tokenizer.decode(t.all_ids()[zoom.span[0] : zoom.span[1]])
+        zoom.error = f"the zoom action was not closed with {ACTION_CLOSE}"
+        t.zooms.append(zoom)
+    t.done, t.truncated = True, truncated
+
+
+def _batch(rows: list[Trajectory], pad_id: int) -> dict[str, Tensor]:
+    """Left-padded model inputs of the running rows, their images in row then turn order."""
+    ids = [t.all_ids() for t in rows]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side="left"),
+        "attention_mask": pad_sequence(
+            [torch.ones_like(i) for i in ids], batch_first=True, padding_value=0, padding_side="left"
+        ),
+        "mm_token_type_ids": pad_sequence(
+            [t.all_mm() for t in rows], batch_first=True, padding_value=0, padding_side="left"
+        ),
+        "pixel_values": torch.cat([p for t in rows for p in t.pixels]),
+        "image_grid_thw": torch.stack([g for t in rows for g in t.grids]),
+    }
