@@ -9,6 +9,7 @@ loaded, so bad input fails before any expensive work.
 from __future__ import annotations
 
 import gc
+import os
 
 import lightning as L
 import torch
@@ -27,6 +28,9 @@ def _choices() -> dict[str, str | None]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, validate and test one configuration; return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    # MLFlowLogger exports its URI to MLFLOW_TRACKING_URI (mlflow.set_tracking_uri); restore it so the
+    # next job in this process (multirun, tests) resolves its own `logger.tracking_uri`
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     logger = make_logger(cfg, _choices())
     log_config(logger, cfg)
     module = trainer = datamodule = None
@@ -52,6 +56,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         record_failure(logger, exc)
         raise
     finally:
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
         del module, trainer, datamodule
         gc.collect()
         if torch.cuda.is_available():

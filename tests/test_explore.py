@@ -174,6 +174,7 @@ def test_two_training_steps_per_explore_option(option, tmp_path, cache_dir):
     for key in ("zooms_per_rollout", "trigger_rate", "invalid_actions", "turns"):
         assert f"train/explore/{key}" in metrics, key
     assert metrics["train/explore/turns"] >= 1.0
-    if option != "tool":
-        assert metrics["train/explore/trigger_rate"] > 0.0 and "train/explore/entropy_at_trigger" in metrics
+    if option != "tool":  # some step forced a zoom
+        history = client.get_metric_history(found.info.run_id, "train/explore/trigger_rate")
+        assert max(m.value for m in history) > 0.0 and "train/explore/entropy_at_trigger" in metrics
     assert len(client.get_metric_history(found.info.run_id, "train/loss")) == 2

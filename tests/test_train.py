@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import torch
 from hydra.utils import instantiate
@@ -28,6 +30,7 @@ def test_two_steps_change_the_policy_and_log_everything(tmp_path, cache_dir):
     cfg = compose_cfg(QUICK, tmp_path, cache_dir)
     metrics = run(cfg)
     assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["test/acc"] <= 1.0
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the logger's export does not leak into the next job
 
     client = mlflow.MlflowClient(cfg.logger.tracking_uri)
     (found,) = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
