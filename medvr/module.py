@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import lightning as L
 import torch
+from PIL import ImageDraw
 
 from medvr.algo import AlgoConfig
 from medvr.grpo import group_advantages, masked_mean, policy_loss
@@ -34,6 +35,17 @@ REWARD_COLUMNS = ("id", "question", "options", "answer", "modality", "bbox")
 def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Std of each group's rewards (NaN = no reward counts as 0): [N] -> [B]."""
     return rewards.nan_to_num(0.0).view(-1, group_size).std(dim=1)
+
+
+def _with_boxes(image, boxes: list) -> object:
+    """The image with its rollout's zoom boxes drawn in (red), for the logged rollout pages."""
+    if not boxes:
+        return image
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for box in boxes:
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 0, 0), width=2)
+    return image
 
 
 class GRPOModule(L.LightningModule):
@@ -257,10 +269,11 @@ class GRPOModule(L.LightningModule):
 
     def _keep_samples(self, batch: list[dict], rollouts: Rollouts, rewards, terms) -> None:
         g = self.algo.group_size
+        zooms = rollouts.extras.get("zooms", [[] for _ in range(len(rollouts))])
         self.last_samples = [
             {
                 "id": batch[i // g]["id"],
-                "image": batch[i // g]["image"],
+                "image": _with_boxes(batch[i // g]["image"], [z.box for z in zooms[i] if z.box is not None]),
                 "prompt": self.prompt.text(batch[i // g]["question"], batch[i // g]["options"]),
                 "answer": batch[i // g]["answer"],
                 "completion": rollouts.completions[i],

@@ -57,3 +57,34 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
     assert sorted(table.index) == ["accuracy", "r1"] and table["runs"].tolist() == [1, 1]
     assert table["val/acc"].between(0, 1).all()
     assert formatted(table).loc["r1", "val/acc"] == f"{table.loc['r1', 'val/acc']:.3f}"
+
+
+@pytest.mark.slow
+def test_medvr_grid_reward_by_explore(tmp_path, cache_dir):
+    """The MedVR ablation grid `-m reward=accuracy,cca explore=none,evr`: four finished runs, one table."""
+    cmd = [
+        sys.executable, "train.py", "-m", "reward=accuracy,cca", "explore=none,evr",
+        f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+        *FAST_MODEL, *SMALL_DATA,
+        "data.batch_size=2", "explore.max_new_tokens=24", "trainer.max_steps=1",
+        "trainer.val_check_interval=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "validate_before_training=false", "test_after_training=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    assert sorted((r.data.tags["reward"], r.data.tags["explore"]) for r in runs) == [
+        ("accuracy", "evr"), ("accuracy", "none"), ("cca", "evr"), ("cca", "none"),
+    ]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert ("train/cca/consensus_rate" in r.data.metrics) == (r.data.tags["reward"] == "cca")
+        assert "train/explore/zooms_per_rollout" in r.data.metrics
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from report import ablation_table
+
+    table = ablation_table(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward", "explore"], metrics=["val/acc"])
+    assert len(table) == 4 and table["runs"].tolist() == [1, 1, 1, 1]
