@@ -21,6 +21,19 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # a quicker warm start than the demo's: tests need a well-formed policy, not a good one
 FAST_MODEL = ["model.warm_start.steps=100", "model.warm_start.items=256"]
 SMALL_DATA = ["data.source.n_train=32", "data.source.n_val=8", "data.source.n_test=8"]
+# two quick training steps, no evaluation before or after
+TWO_STEPS = [
+    *FAST_MODEL,
+    *SMALL_DATA,
+    "data.batch_size=2",
+    "explore.max_new_tokens=40",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "validate_before_training=false",
+    "test_after_training=false",
+]
 
 
 def compose_cfg(overrides: list[str], tmp: Path, cache: Path):

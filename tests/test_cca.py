@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
+from conftest import FAST_MODEL, SMALL_DATA, TWO_STEPS, compose_cfg
 from medvr.explore.trajectory import Zoom
 from medvr.rewards.consensus import ConsensusAnswer, ConsensusGrounding, fuse, iou, majority_vote
 from medvr.train import run
@@ -173,23 +173,7 @@ def test_token_credit_lands_exactly_on_zoom_spans(tmp_path, cache_dir):
 
 def test_two_training_steps_of_cca_with_evr(tmp_path, cache_dir):
     cfg = compose_cfg(
-        [
-            *FAST_MODEL,
-            *SMALL_DATA,
-            "reward=cca",
-            "explore=evr",
-            "data.batch_size=2",
-            "explore.max_new_tokens=40",
-            "reward.terms.grounding.min_agree=1",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "validate_before_training=false",
-            "test_after_training=false",
-        ],
-        tmp_path,
-        cache_dir,
+        [*TWO_STEPS, "reward=cca", "explore=evr", "reward.terms.grounding.min_agree=1"], tmp_path, cache_dir
     )
     run(cfg)
     client = mlflow.MlflowClient(cfg.logger.tracking_uri)

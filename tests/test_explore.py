@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
+from conftest import FAST_MODEL, TWO_STEPS, compose_cfg
 from medvr.data import synthetic
 from medvr.explore.trajectory import Trajectory, Zoom, assemble
 from medvr.rollout.encode import encode_prompts, vision_token_ids
@@ -147,22 +147,7 @@ def test_greedy_eval_never_triggers_unless_asked(tiny, records, tmp_path, cache_
 @pytest.mark.parametrize("option", ["tool", "evr", "random_crop"])
 def test_two_training_steps_per_explore_option(option, tmp_path, cache_dir):
     cfg = compose_cfg(
-        [
-            *FAST_MODEL,
-            *SMALL_DATA,
-            f"explore={option}",
-            "data.batch_size=2",
-            "explore.max_new_tokens=40",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "callbacks.rollout_samples.every_n_steps=1",
-            "validate_before_training=false",
-            "test_after_training=false",
-        ],
-        tmp_path,
-        cache_dir,
+        [*TWO_STEPS, f"explore={option}", "callbacks.rollout_samples.every_n_steps=1"], tmp_path, cache_dir
     )
     run(cfg)
     client = mlflow.MlflowClient(cfg.logger.tracking_uri)

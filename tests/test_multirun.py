@@ -15,12 +15,10 @@ from conftest import FAST_MODEL, SMALL_DATA
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
-    # job 0 fails (an invalid algo.loss_type), jobs 1..3 must still run
+def _sweep(tmp_path, cache_dir, *params: str) -> subprocess.CompletedProcess:
+    """`python train.py -m <params>` with one quick step per job, outputs under tmp_path."""
     cmd = [
-        sys.executable, "train.py", "-m",
-        "algo.loss_type=ppo,grpo", "reward=accuracy,r1",
+        sys.executable, "train.py", "-m", *params,
         f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
         *FAST_MODEL, *SMALL_DATA,
         "data.batch_size=2", "explore.max_new_tokens=24", "trainer.max_steps=1",
@@ -28,7 +26,13 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
         "validate_before_training=false", "test_after_training=false",
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
+    # job 0 fails (an invalid algo.loss_type), jobs 1..3 must still run
+    out = _sweep(tmp_path, cache_dir, "algo.loss_type=ppo,grpo", "reward=accuracy,r1")
     assert out.returncode != 0, "a sweep with a failed job must exit non-zero once every job ran"
     assert "algo.loss_type='ppo' is not one of" in out.stderr
 
@@ -62,16 +66,7 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_medvr_grid_reward_by_explore(tmp_path, cache_dir):
     """The MedVR ablation grid `-m reward=accuracy,cca explore=none,evr`: four finished runs, one table."""
-    cmd = [
-        sys.executable, "train.py", "-m", "reward=accuracy,cca", "explore=none,evr",
-        f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-        *FAST_MODEL, *SMALL_DATA,
-        "data.batch_size=2", "explore.max_new_tokens=24", "trainer.max_steps=1",
-        "trainer.val_check_interval=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "validate_before_training=false", "test_after_training=false",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    out = _sweep(tmp_path, cache_dir, "reward=accuracy,cca", "explore=none,evr")
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])

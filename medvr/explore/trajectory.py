@@ -62,7 +62,7 @@ class Trajectory:
             keep = enc["attention_mask"][r].bool().cpu()
             ids = enc["input_ids"][r].cpu()[keep]
             t = cls(record=record, prompt_len=len(ids))
-            t._add(ids, enc["mm_token_type_ids"][r].cpu()[keep], loss=0)
+            t.add(ids, enc["mm_token_type_ids"][r].cpu()[keep], loss=0)
             t.pixels.append(pixels[r])
             t.grids.append(enc["image_grid_thw"][r].cpu())
             out.append(t)
@@ -78,7 +78,7 @@ class Trajectory:
     def all_mm(self) -> Tensor:
         return torch.cat(self.mm)
 
-    def _add(self, ids: Tensor, mm: Tensor, loss: int, logps: Tensor | None = None, ents: Tensor | None = None):
+    def add(self, ids: Tensor, mm: Tensor, loss: int, logps: Tensor | None = None, ents: Tensor | None = None):
         zeros = torch.zeros(len(ids))
         self.ids.append(ids.long())
         self.mm.append(mm.long())
@@ -87,17 +87,17 @@ class Trajectory:
         self.entropies.append(zeros if ents is None else ents.float())
 
     def add_policy(self, tokens: Tensor, logps: Tensor, entropies: Tensor, tokenizer) -> None:
-        self._add(tokens, torch.zeros_like(tokens), loss=1, logps=logps, ents=entropies)
+        self.add(tokens, torch.zeros_like(tokens), loss=1, logps=logps, ents=entropies)
         self.text.append(tokenizer.decode(tokens, skip_special_tokens=True))
         self.policy_tokens += len(tokens)
 
     def add_forced(self, ids: list[int], text: str) -> None:
         ids_t = torch.tensor(ids, dtype=torch.long)
-        self._add(ids_t, torch.zeros_like(ids_t), loss=0)
+        self.add(ids_t, torch.zeros_like(ids_t), loss=0)
         self.text.append(text)
 
     def add_observation(self, ids: Tensor, mm: Tensor, image: tuple[Tensor, Tensor] | None, crop) -> None:
-        self._add(ids, mm, loss=0)
+        self.add(ids, mm, loss=0)
         if image is not None:
             self.pixels.append(image[0])
             self.grids.append(image[1])

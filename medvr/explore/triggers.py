@@ -23,6 +23,11 @@ def first_over(entropies: Tensor, allowed: Tensor, threshold: float | Tensor) ->
     return torch.where(over.any(dim=1), over.long().argmax(dim=1), -1)  # [N]
 
 
+def _check_window(min_tokens: int, max_triggers: int) -> None:
+    if min_tokens < 0 or max_triggers < 1:
+        raise ValueError("explore.trigger: need min_tokens >= 0 and max_triggers >= 1")
+
+
 class EntropyTrigger:
     """`explore=evr`: fire where H_t >= threshold (nats, fraction of log|V|, or batch quantile)."""
 
@@ -33,8 +38,7 @@ class EntropyTrigger:
             raise ValueError(f"explore.trigger.mode={mode!r}: choose one of {THRESHOLD_MODES}")
         if mode != "absolute" and not 0.0 < threshold < 1.0:
             raise ValueError(f"explore.trigger.threshold={threshold} must lie in (0, 1) for mode={mode}")
-        if min_tokens < 0 or max_triggers < 1:
-            raise ValueError("explore.trigger: need min_tokens >= 0 and max_triggers >= 1")
+        _check_window(min_tokens, max_triggers)
         self.mode = mode
         self.threshold = threshold
         self.min_tokens = min_tokens
@@ -70,8 +74,7 @@ class RandomTrigger:
             raise ValueError(f"explore.trigger.rate={rate} must lie in [0, 1]")
         if not 0.0 < min_frac <= max_frac <= 1.0:
             raise ValueError("explore.trigger: need 0 < min_frac <= max_frac <= 1")
-        if min_tokens < 0 or max_triggers < 1:
-            raise ValueError("explore.trigger: need min_tokens >= 0 and max_triggers >= 1")
+        _check_window(min_tokens, max_triggers)
         self.rate = rate
         self.min_tokens = min_tokens
         self.max_triggers = max_triggers

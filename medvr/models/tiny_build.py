@@ -98,7 +98,7 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
 
     def policy(s: str) -> None:
         ids = torch.tensor(tok(s, add_special_tokens=False)["input_ids"])
-        traj._add(ids, torch.zeros_like(ids), loss=1)
+        traj.add(ids, torch.zeros_like(ids), loss=1)
 
     if env is None or rng.random() >= zoom['rate']:
         policy("<think>" + answer)
