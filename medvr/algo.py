@@ -38,6 +38,8 @@ class AlgoConfig:
     top_entropy_quantile: float
     # leave groups whose rewards are all equal out of the loss and its normalisation (DAPO)
     dynamic_sampling: bool
+    # consecutive skipped (non-finite) updates after which the run stops with a diagnosis
+    max_nonfinite_steps: int
 
     def __post_init__(self):
         checks = {
@@ -57,5 +59,7 @@ class AlgoConfig:
             )
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"algo.top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1].")
-        if min(self.num_iterations, self.grad_accum, self.micro_batch_size) < 1:
-            raise ValueError("algo.num_iterations, algo.grad_accum and algo.micro_batch_size must be >= 1.")
+        if min(self.num_iterations, self.grad_accum, self.micro_batch_size, self.max_nonfinite_steps) < 1:
+            raise ValueError(
+                "algo.num_iterations, algo.grad_accum, algo.micro_batch_size and algo.max_nonfinite_steps must be >= 1."
+            )

@@ -9,6 +9,7 @@ of the module's state dict (never checkpointed). Validation decodes greedily.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,7 +27,9 @@ from medvr.rewards import WeightedSum
 from medvr.rewards.answer import accuracy_reward, format_reward
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.encode import vision_token_ids
-from medvr.rollout.generate import token_logps
+from medvr.rollout.generate import NonFiniteError, token_logps
+
+log = logging.getLogger(__name__)
 
 # dataset columns handed to reward functions (TRL passes every dataset column the same way)
 REWARD_COLUMNS = ("id", "question", "options", "answer", "modality", "bbox")
@@ -81,6 +84,9 @@ class GRPOModule(L.LightningModule):
         self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
         self._reward_stats: dict[str, float] = {}  # monitors of the last reward call (train/cca/*)
         self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
+        self.nonfinite_steps = 0  # updates skipped because the loss or the gradient norm was NaN/inf
+        self._nonfinite_in_a_row = 0
+        self._grad_norm = math.nan
 
     # --- setup -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -101,9 +107,12 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         algo = self.algo
         self.policy.eval()  # no dropout while sampling; logits must match the training forward
-        rollouts = self.explore.rollout(
-            self.policy, self.processor, self.prompt, batch, group_size=algo.group_size, temperature=algo.temperature
-        )
+        try:
+            rollouts = self.explore.rollout(
+                self.policy, self.processor, self.prompt, batch, group_size=algo.group_size, temperature=algo.temperature
+            )
+        except NonFiniteError as err:
+            raise NonFiniteError(self._diagnosis(str(err))) from err
         self.policy.train()
         columns = self._reward_columns(batch, rollouts)
         totals, terms = self.reward.score(rollouts.completions, **columns)
@@ -141,12 +150,49 @@ class GRPOModule(L.LightningModule):
                     parts_sum[k] += v.item() * share / algo.num_iterations
             stepped = algo.num_iterations > 1 or (batch_idx + 1) % algo.grad_accum == 0
             if stepped:
-                if algo.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                self._update(opt, parts_sum["loss"])
         self._log_train(rollouts, rewards, terms, parts_sum, stepped)
         self._keep_samples(batch, rollouts, rewards, terms)
+
+    def _update(self, opt, loss: float) -> None:
+        """Clip and apply the accumulated gradient, unless it or the loss is NaN/inf: then skip the update and count it."""
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self._grad_norm = float(norm)
+        if math.isfinite(loss) and math.isfinite(self._grad_norm):
+            if self.algo.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.algo.max_grad_norm, norm)
+            opt.step()
+            self._nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            log.warning("step %d: loss %s, gradient norm %s; update skipped", self.global_step + 1, loss, self._grad_norm)
+            if self._nonfinite_in_a_row >= self.algo.max_nonfinite_steps:
+                raise NonFiniteError(
+                    self._diagnosis(
+                        f"{self._nonfinite_in_a_row} updates in a row had a non-finite loss or gradient norm "
+                        f"(last: loss {loss}, gradient norm {self._grad_norm}; algo.max_nonfinite_steps="
+                        f"{self.algo.max_nonfinite_steps})"
+                    )
+                )
+        opt.zero_grad(set_to_none=True)
+
+    def _diagnosis(self, what: str) -> str:
+        """What went non-finite, where, and the settings most likely at fault."""
+        lr = self.optimizers().param_groups[0]["lr"]
+        return (
+            f"training stopped at step {self.global_step + 1}: {what}. The weights have diverged or overflowed; "
+            f"the settings most likely at fault: optimizer.lr={lr:g} (lower it), model.dtype={self.spec.dtype} "
+            f"(float16 overflows: use bfloat16 or float32), algo.max_grad_norm={self.algo.max_grad_norm} (clip), "
+            f"algo.temperature={self.algo.temperature} (tiny temperatures blow up logits), algo.beta={self.algo.beta}."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["medvr_nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = checkpoint.get("medvr_nonfinite_steps", 0)
 
     def _reward_columns(self, batch: list[dict], rollouts: Rollouts) -> dict[str, list]:
         """Dataset columns per completion, plus its group (prompt) and the pixel boxes it zoomed into."""
@@ -252,6 +298,8 @@ class GRPOModule(L.LightningModule):
         for name, value in self._reward_stats.items():
             metrics[f"train/{name}"] = value
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        metrics["train/grad_norm"] = self._grad_norm
+        metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
         if self.algo.top_entropy_quantile < 1.0:
             metrics["train/entropy_mask_frac"] = self._entropy_kept
         self._window.append(metrics)

@@ -238,8 +238,9 @@ def test_hf_source_resolves_json_image_paths_and_reports_bad_rows(tmp_path):
     assert row["image"].size == (50, 40) and row["bbox"] == [1, 2, 30, 20]
 
     data_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    broken = HFVQASource(str(data_file), {"train": "train"}, cache_dir=str(tmp_path / "hf"))
     with pytest.raises(RecordError, match=r"train row 1 \(id=j1\).*missing.png' does not exist"):
-        HFVQASource(str(data_file), {"train": "train"}, cache_dir=str(tmp_path / "hf")).load()
+        VQADataModule(broken, batch_size=2, eval_batch_size=2).setup("fit")
 
 
 def test_hf_source_offline_hub_id_says_how_to_fix(monkeypatch):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
+from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
 from conftest import FAST_MODEL, compose_cfg
-from medvr.models.spec import ModelUnavailableError
+from medvr.models.spec import CorruptCheckpointError, ModelUnavailableError
 from medvr.models.tiny import MANIFEST, TinyQwen2VL
 
 
@@ -63,4 +66,29 @@ def test_unreachable_hub_checkpoint_says_how_to_pass_a_local_path(tmp_path, monk
 def test_missing_local_path_names_the_key(tmp_path):
     spec = instantiate(compose_cfg(["model=qwen2vl_2b", f"model.path={tmp_path}/nope"], tmp_path, tmp_path / "c").model)
     with pytest.raises(ModelUnavailableError, match=r"model.path=.*nope.*no config.json"):
+        spec.check()
+
+
+def test_a_truncated_weights_file_or_bad_config_is_named_by_check(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    weights = model_dir / "model.safetensors"
+    save_file({"w": torch.zeros(64, 64), "b": torch.zeros(64)}, str(weights))
+    spec = instantiate(compose_cfg(["model=qwen2vl_2b", f"model.path={model_dir}"], tmp_path, tmp_path / "c").model)
+    assert spec.check() == str(model_dir)
+
+    full = weights.read_bytes()
+    weights.write_bytes(full[: len(full) // 2])  # an interrupted copy
+    half = re.escape(f"{weights} is {len(full) // 2} bytes but its safetensors header describes {len(full)} bytes")
+    with pytest.raises(CorruptCheckpointError, match=rf"{half}: the file is truncated; copy the checkpoint again"):
+        spec.check()
+    weights.write_bytes(full[:5])
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(str(weights))} \(5 bytes\) has no readable"):
+        spec.check()
+
+    weights.write_bytes(full)
+    (model_dir / "config.json").write_text('{"model_type": "qwen2_vl",')
+    config = re.escape(str(model_dir / "config.json"))
+    with pytest.raises(CorruptCheckpointError, match=rf"{config} cannot be read as JSON"):
         spec.check()

@@ -34,7 +34,7 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
     # job 0 fails (an invalid algo.loss_type), jobs 1..3 must still run
     out = _sweep(tmp_path, cache_dir, "algo.loss_type=ppo,grpo", "reward=accuracy,r1")
     assert out.returncode != 0, "a sweep with a failed job must exit non-zero once every job ran"
-    assert "algo.loss_type='ppo' is not one of" in out.stderr
+    assert "algo.loss_type='ppo': expected one of" in out.stderr  # checked before the model loads
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
@@ -50,6 +50,8 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
         assert r.data.params["algo/loss_type"] == "grpo"
         assert "train/reward" in r.data.metrics and "val/acc" in r.data.metrics
     assert {r.data.tags["reward"] for r in by_status["FINISHED"]} == {"accuracy", "r1"}
+    names = {r.info.run_name for r in runs}
+    assert len(names) == 4 and "accuracy-none-tiny-grpo-algo.loss_type=ppo-s0" in names
     # one Hydra job directory per job
     assert len(list((tmp_path / "multiruns").glob("*/*/[0-9]"))) == 4
 

@@ -1,14 +1,38 @@
 """Lightning DataModule that serves validated VQA records (plain dicts with PIL images) in batches.
 
 Batches stay lists of dicts: the rollout engine builds prompts per model, so no tensors here.
+setup() decodes every image once per dataset version (a passing verdict is cached, keyed by the
+splits' datasets fingerprints) and shrinks images above `max_image_pixels` once, so that no
+batch decodes a 100-megapixel scan.
 """
 
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from medvr.data.schema import VQASource, validate_dataset, validate_record
+from medvr.data.sampler import EpochShuffle
+from medvr.data.schema import (
+    VALIDATION_VERSION,
+    VQASource,
+    strict_decoding,
+    validate_dataset,
+    validate_record,
+)
+
+log = logging.getLogger(__name__)
 
 
 def collate_records(batch: list[dict]) -> list[dict]:
@@ -32,7 +56,11 @@ class _Records(Dataset):
 
 
 class VQADataModule(LightningDataModule):
-    """Loads `source` once, checks every row up front, and batches records as lists of dicts."""
+    """Loads `source` once, checks every row up front, and batches records as lists of dicts.
+
+    `max_image_pixels`: images above it are downscaled once in setup (None keeps every size).
+    `verdict_cache`: directory for passing verdicts and the downscaled copies (None: no caching).
+    """
 
     def __init__(
         self,
@@ -41,23 +69,91 @@ class VQADataModule(LightningDataModule):
         eval_batch_size: int,
         num_workers: int = 0,
         seed: int = 0,
+        max_image_pixels: int | None = None,
+        verdict_cache: str | None = None,
     ):
         super().__init__()
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels={max_image_pixels}: give a positive pixel count or null")
         self.source = source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.max_image_pixels = max_image_pixels
+        self.verdict_cache = None if verdict_cache is None else Path(verdict_cache)
         self.splits: datasets.DatasetDict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         splits = self.source.load()
-        # Fail before training starts: a bad row deep in the test split would otherwise
-        # surface hours later. Only image headers are read here, pixels are decoded per batch.
-        validate_dataset(splits, self.source.name)
+        key = self._verdict_key(splits)
+        verdict_file = self._verdict_file(key)
+        verdict = _read_verdict(verdict_file, key)
+        if verdict is None:
+            # Fail before training starts: a truncated image deep in the test split would
+            # otherwise surface hours later. Every image is decoded once per dataset version.
+            oversized = validate_dataset(splits, self.source.name, self.max_image_pixels)
+        else:
+            log.info("data source '%s' passed its checks before (%s): not decoded again", self.source.name,
+                     verdict_file)
+            oversized = verdict["oversized"]
+        splits = datasets.DatasetDict(
+            {split: self._shrink(rows, split, oversized[split], verdict_file) for split, rows in splits.items()}
+        )
+        if verdict is None and verdict_file is not None:
+            _write_atomic(verdict_file, {"source": self.source.name, "key": key, "oversized": oversized})
         self.splits = splits
+
+    def _verdict_key(self, splits: datasets.DatasetDict) -> dict:
+        """Everything a passing verdict depends on; a change to any of it means a new check."""
+        return {
+            "validation_version": VALIDATION_VERSION,
+            "max_image_pixels": self.max_image_pixels,
+            "splits": {
+                split: {"fingerprint": rows._fingerprint, "rows": len(rows), "files": _image_files_signature(rows)}
+                for split, rows in sorted(splits.items())
+            },
+        }
+
+    def _verdict_file(self, key: dict) -> Path | None:
+        if self.verdict_cache is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.source.name).strip("_.")[-40:]
+        return self.verdict_cache / f"{slug}-{digest}.json"
+
+    def _shrink(self, rows: datasets.Dataset, split: str, oversized: list[int], verdict_file: Path | None):
+        """Replace the rows whose image is above max_image_pixels by a downscaled copy, once."""
+        if not oversized:
+            return rows
+        where = f"{self.source.name}/{split}"
+        cache = None if verdict_file is None else verdict_file.with_name(f"{verdict_file.stem}-{split}-shrunk.arrow")
+        raw = rows.cast_column("image", datasets.Image(decode=False))
+        with strict_decoding():
+            small = raw.select(oversized, keep_in_memory=True).map(
+                _shrink_batch,
+                fn_kwargs={"rows": oversized, "where": where, "max_pixels": self.max_image_pixels},
+                with_indices=True,
+                batched=True,
+                batch_size=4,
+                features=raw.features,
+                cache_file_name=None if cache is None else str(cache),
+                load_from_cache_file=cache is not None,
+                keep_in_memory=cache is None,
+                desc=f"{where}: downscaling large images",
+            )
+        log.info(
+            "%s: %d image(s) above data.max_image_pixels=%d served downscaled (copies in %s)",
+            where, len(oversized), self.max_image_pixels, cache or "memory",
+        )
+        # Rows point at the small copies appended at the end; nothing else is copied.
+        order = list(range(len(rows)))
+        for position, row in enumerate(oversized):
+            order[row] = len(rows) + position
+        combined = datasets.concatenate_datasets([raw, small]).select(order, keep_in_memory=True)
+        return combined.cast_column("image", datasets.Image())
 
     def _split(self, split: str) -> _Records:
         self.setup()
@@ -68,27 +164,109 @@ class VQADataModule(LightningDataModule):
             )
         return _Records(self.splits[split], f"{self.source.name}/{split}")
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: EpochShuffle | None = None) -> DataLoader:
         return DataLoader(
             self._split(split),
             batch_size=batch_size,
-            shuffle=shuffle,
-            # Same seed, same order of prompts: runs of an ablation grid see identical batches.
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=sampler,
+            # seeds worker processes from its own generator, never from torch's global RNG (rollouts sample from that)
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=collate_records,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        # Same seed, same order of prompts: runs of an ablation grid see identical batches, and a
+        # resumed run continues the epoch after the batches its checkpoint had trained on.
+        sampler = EpochShuffle(len(self._split("train")), self.seed)
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.start(self.trainer.current_epoch, done * self.batch_size)
+        return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size)
 
     def modalities(self) -> list[str]:
         """Sorted modality names of the val split (the per-modality metrics to report)."""
         return sorted(set(self._split("val").rows["modality"]))
+
+
+def _image_files_signature(rows: datasets.Dataset) -> str | None:
+    """Hash of the (path, size, mtime) of the image files a split points to, None if it has none.
+
+    The datasets fingerprint covers the paths but not the files, which can change on their own.
+    """
+    if "image" not in rows.column_names:
+        return None
+    column = rows.data.column("image")
+    if pa.types.is_struct(column.type):  # datasets.Image(): a path counts only without bytes
+        column = pc.filter(pc.struct_field(column, "path"), pc.is_null(pc.struct_field(column, "bytes")))
+    paths = [path for path in column.to_pylist() if isinstance(path, str)]
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def _read_verdict(path: Path | None, key: dict) -> dict | None:
+    """The cached verdict for exactly this key, or None (no cache, none yet, or unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) and verdict.get("key") == key else None
+
+
+def _write_atomic(path: Path, content: dict) -> None:
+    """Write JSON via a private temp file and os.replace, so parallel jobs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, path)
+
+
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size of the same aspect ratio with at most max_pixels pixels."""
+    scale = math.sqrt(max_pixels / (width * height))
+    new_width, new_height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    if new_width * new_height > max_pixels:  # float rounding: off by at most a pixel per side
+        new_width, new_height = max(1, new_width - 1), max(1, new_height - 1)
+    return new_width, new_height
+
+
+def _scale_box(bbox: list[int], old: tuple[int, int], new: tuple[int, int]) -> list[int]:
+    """Scale [x1, y1, x2, y2] to the new size, rounding outwards so the box keeps what it framed."""
+    (width, height), (new_width, new_height) = old, new
+    x1, y1, x2, y2 = bbox
+    # floor(a) < ceil(b) for a < b, and both stay inside the new image: exact integer arithmetic
+    return [x1 * new_width // width, y1 * new_height // height,
+            -(-x2 * new_width // width), -(-y2 * new_height // height)]
+
+
+def _shrink_batch(batch: dict, indices: list[int], rows: list[int], where: str, max_pixels: int) -> dict:
+    """datasets.map function: each image -> a PNG copy within max_pixels, its bbox scaled to match."""
+    for k, position in enumerate(indices):
+        record = {field: column[k] for field, column in batch.items()}
+        clean = validate_record(record, f"{where} row {rows[position]} (id={record['id']})")
+        image = clean["image"]
+        size = _fit(image.width, image.height, max_pixels)
+        small = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        buffer = io.BytesIO()
+        small.save(buffer, format="PNG", compress_level=1)
+        batch["image"][k] = {"bytes": buffer.getvalue(), "path": None}
+        if clean["bbox"] is not None:
+            batch["bbox"][k] = _scale_box(clean["bbox"], image.size, size)
+    return batch

@@ -1,15 +1,22 @@
 """The one record schema shared by every medvr dataset (synthetic or real), and its checks.
 
-Bad rows fail before training starts, with an error that names the dataset, split, row and id.
+Bad rows fail before training starts, with an error that names the dataset, split, row and id:
+every image is decoded in full once, since a truncated file passes a header-only check.
 """
 
+import contextlib
 import io
+import logging
 import os
+import time
+import warnings
 from typing import Any, Protocol
 
 import datasets
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
+
+log = logging.getLogger(__name__)
 
 LETTERS = "ABCDE"
 MIN_OPTIONS, MAX_OPTIONS = 2, 5
@@ -27,6 +34,12 @@ FEATURES = datasets.Features(
     }
 )
 FIELDS = tuple(FEATURES)
+# Part of the key of cached "dataset passed" verdicts: bump whenever the checks below change.
+VALIDATION_VERSION = 2
+# Above this many pixels an image is refused rather than decoded (a 1-gigapixel RGB scan takes
+# 3 GB); PIL's own decompression-bomb limit (~89 MP) is lifted while medvr checks sizes itself.
+DECODE_PIXEL_CEILING = 1_000_000_000
+_PROGRESS_SECONDS = 10.0
 
 
 class RecordError(ValueError):
@@ -41,10 +54,38 @@ class VQASource(Protocol):
     def load(self) -> datasets.DatasetDict: ...
 
 
+def _image_label(value: Any) -> str:
+    """How an error names the image itself: its file, or that its bytes live in the dataset."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        named = f", from '{value['path']}'" if value.get("path") else ""
+        return f"image (bytes stored in the dataset{named})"
+    path = value.get("path") if isinstance(value, dict) else value
+    if isinstance(path, (str, os.PathLike)):
+        return f"image file '{path}'"
+    return "image"
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Decode with truncation as an error, and big images allowed up to DECODE_PIXEL_CEILING.
+
+    Some libraries set PIL's LOAD_TRUNCATED_IMAGES, which would let a cut-off file through.
+    """
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Image.MAX_IMAGE_PIXELS = DECODE_PIXEL_CEILING // 2  # PIL refuses above twice this, warns above it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open_image(value: Any, where: str) -> Image.Image:
     """Open an image given as PIL image, file path or datasets' undecoded {'bytes', 'path'} dict.
 
-    Only the header is read here (PIL opens lazily); pixels are decoded on first access.
+    Only the header is read here (PIL opens lazily); pixels are decoded later, in full.
     """
     if isinstance(value, Image.Image):
         return value
@@ -66,8 +107,14 @@ def _open_image(value: Any, where: str) -> Image.Image:
         )
     try:
         return Image.open(source)
+    except Image.DecompressionBombError as err:
+        raise RecordError(
+            f"{where}: {_image_label(value)} is too large to decode ({err}); downscale it offline"
+        ) from err
     except Exception as err:  # PIL raises several types for unreadable files
-        raise RecordError(f"{where}: image cannot be read ({err}); re-save it as PNG or JPEG") from err
+        raise RecordError(
+            f"{where}: {_image_label(value)} cannot be read ({err}); re-save it as PNG or JPEG"
+        ) from err
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:
@@ -110,12 +157,11 @@ def _check_bbox(bbox: Any, size: tuple[int, int], where: str) -> list[int] | Non
     return [x1, y1, x2, y2]
 
 
-def validate_record(record: dict, where: str, decode_image: bool = True) -> dict:
+def validate_record(record: dict, where: str) -> dict:
     """Check one row against the schema and return it normalised (a new dict of the schema fields).
 
     `where` names the row in errors, e.g. "synthetic/train row 12 (id=syn-train-00012)".
-    With decode_image=False only the image header is read (a cheap up-front pass) and the image
-    value is returned as given; otherwise it is returned as a decoded 'L' or 'RGB' PIL image.
+    The image is returned decoded in full, as an 'L' or 'RGB' PIL image.
     """
     missing = [field for field in FIELDS if field not in record and field != "bbox"]
     if missing:
@@ -148,16 +194,13 @@ def validate_record(record: dict, where: str, decode_image: bool = True) -> dict
         )
     bbox = _check_bbox(record.get("bbox"), image.size, where)
 
-    if decode_image:
-        try:
-            image = _normalise_mode(image)
-        except Exception as err:
-            raise RecordError(f"{where}: image cannot be decoded ({err}); re-save it") from err
-    elif image is not record["image"]:
-        image.close()  # opened here only to read the header
+    try:
+        image = _normalise_mode(image)
+    except Exception as err:  # truncated or corrupt pixel data
+        raise RecordError(f"{where}: {_image_label(record['image'])} cannot be decoded ({err}); re-save it") from err
     return {
         "id": str(record["id"]),
-        "image": image if decode_image else record["image"],
+        "image": image,
         "question": record["question"],
         "options": list(options),
         "answer": answer,
@@ -166,14 +209,41 @@ def validate_record(record: dict, where: str, decode_image: bool = True) -> dict
     }
 
 
-def validate_dataset(dataset: datasets.DatasetDict, name: str, batch_size: int = 256) -> None:
-    """Check every row of every split without decoding pixels; raise RecordError on the first bad row."""
+def validate_dataset(
+    dataset: datasets.DatasetDict, name: str, max_image_pixels: int | None = None, batch_size: int = 256
+) -> dict[str, list[int]]:
+    """Check every row of every split, decoding each image in full; raise on the first bad row.
+
+    Returns, per split, the rows whose image has more than `max_image_pixels` pixels (to shrink).
+    """
     for split, rows in dataset.items():
-        if isinstance(rows.features.get("image"), datasets.Image):
-            rows = rows.cast_column("image", datasets.Image(decode=False))
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            for offset, values in enumerate(zip(*batch.values())):
-                record = dict(zip(batch, values))
-                where = f"{name}/{split} row {start + offset} (id={record.get('id')})"
-                validate_record(record, where, decode_image=False)
+        if len(rows) == 0:
+            raise ValueError(
+                f"data source '{name}' split '{split}' has 0 rows; give it rows (synthetic data: "
+                f"data.source.n_{split}=<count>) or map a non-empty split (data.source.splits.{split}=<split>)"
+            )
+    oversized: dict[str, list[int]] = {}
+    with strict_decoding():
+        for split, rows in dataset.items():
+            oversized[split] = _validate_split(rows, f"{name}/{split}", max_image_pixels, batch_size)
+    return oversized
+
+
+def _validate_split(rows: datasets.Dataset, where: str, max_image_pixels: int | None, batch_size: int) -> list[int]:
+    if isinstance(rows.features.get("image"), datasets.Image):
+        rows = rows.cast_column("image", datasets.Image(decode=False))  # decoded here, in full
+    oversized = []
+    started = last_report = time.monotonic()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        for offset, values in enumerate(zip(*batch.values())):
+            record = dict(zip(batch, values))
+            image = validate_record(record, f"{where} row {start + offset} (id={record.get('id')})")["image"]
+            if max_image_pixels is not None and image.width * image.height > max_image_pixels:
+                oversized.append(start + offset)
+            image.close()
+        if time.monotonic() - last_report > _PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            log.info("%s: checked %d/%d images", where, min(start + batch_size, len(rows)), len(rows))
+    log.info("%s: decoded and checked %d images in %.1f s", where, len(rows), time.monotonic() - started)
+    return oversized

@@ -1,7 +1,8 @@
 """Real VQA datasets (a local directory or a hub id) mapped onto the medvr record schema.
 
 medvr runs offline by default, so a hub id that cannot be reached fails with an error that says
-how to point `data.source.path` at a local copy instead.
+how to point `data.source.path` at a local copy instead. Rows are checked by VQADataModule.setup,
+which decodes every image once per dataset version.
 """
 
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from medvr.data.schema import FEATURES, FIELDS, validate_dataset
+from medvr.data.schema import FEATURES, FIELDS
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -48,9 +49,7 @@ class HFVQASource:
                     f"it has {sorted(raw)}; set data.source.splits.{split}=<one of them>"
                 )
             out[split] = self._to_schema(raw[source_split], f"{self.path}/{source_split}")
-        dataset = datasets.DatasetDict(out)
-        validate_dataset(dataset, self.name)
-        return dataset
+        return datasets.DatasetDict(out)
 
     def _local_root(self) -> Path | None:
         """Directory that relative image paths are resolved against, or None for a hub id."""

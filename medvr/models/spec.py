@@ -6,7 +6,9 @@ any expensive work so an unreachable checkpoint fails first) and `load()` builds
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -14,6 +16,61 @@ import torch
 
 class ModelUnavailableError(RuntimeError):
     """The checkpoint is neither a local directory nor reachable on the hub."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is truncated or unreadable (an interrupted download or save)."""
+
+
+def _read_json(path: Path, fix: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{path} cannot be read as JSON ({err}); {fix}") from err
+
+
+def _safetensors_size(path: Path) -> int:
+    """The file size that the header of a safetensors file implies: 8 + header + the last tensor's end.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range in the data, then the data; only the header is read.
+    """
+    with path.open("rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_size > path.stat().st_size:
+            return 8 + header_size  # not even the header is complete
+        header = json.loads(f.read(header_size))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + header_size + max(ends, default=0)
+
+
+def check_checkpoint_files(directory: Path, fix: str) -> None:
+    """Parse config.json and every safetensors header (not the weights); raise on a broken file.
+
+    `fix` says what to do about it, e.g. download the checkpoint again.
+    """
+    _read_json(directory / "config.json", fix)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index, fix).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{directory}: weight shard(s) {missing} listed in {index.name} are missing; {fix}"
+            )
+    for weights in sorted(directory.glob("*.safetensors")):
+        size = weights.stat().st_size
+        try:
+            expected = _safetensors_size(weights)
+        except (OSError, struct.error, ValueError, LookupError, TypeError, AttributeError) as err:
+            raise CorruptCheckpointError(
+                f"{weights} ({size} bytes) has no readable safetensors header ({type(err).__name__}: {err}); {fix}"
+            ) from err
+        if size != expected:
+            raise CorruptCheckpointError(
+                f"{weights} is {size} bytes but its safetensors header describes {expected} bytes: "
+                f"the file is {'truncated' if size < expected else 'corrupt'}; {fix}"
+            )
 
 
 def _auto_dtype(name: str) -> torch.dtype:
@@ -59,7 +116,10 @@ class ModelSpec:
         return self.lora is not None
 
     def check(self) -> str:
-        """Return the local directory holding the checkpoint, or raise a clear error."""
+        """Return the local directory holding the checkpoint, or raise a clear error.
+
+        Only headers are read: a missing, truncated or unparsable file fails here, in seconds.
+        """
         if self.path:
             local = Path(self.path).expanduser()
             if not (local / "config.json").is_file():
@@ -67,10 +127,15 @@ class ModelSpec:
                     f"model.path={self.path!r} is not a Hugging Face model directory (no config.json "
                     f"there). Point model.path at a directory saved with save_pretrained."
                 )
+            check_checkpoint_files(local, "copy the checkpoint again, or re-save it with save_pretrained")
             return str(local)
         if not self.hub_id:
             raise ModelUnavailableError(f"model '{self.name}': set model.hub_id or model.path.")
-        return self._from_hub(self.hub_id)
+        local = self._from_hub(self.hub_id)
+        check_checkpoint_files(
+            Path(local), f"download it again (`hf download {self.hub_id} --force-download`) or pass model.path=DIR"
+        )
+        return local
 
     def _from_hub(self, repo_id: str) -> str:
         from huggingface_hub import snapshot_download

@@ -19,6 +19,10 @@ from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
 
 
+class NonFiniteError(FloatingPointError):
+    """The policy produced NaN or inf where a number was needed (logits while sampling, a loss, a gradient)."""
+
+
 @dataclass
 class Sample:
     tokens: Tensor  # [N, Lc] generated ids, pad after the end
@@ -78,7 +82,12 @@ def sample(
     prompt_len = inputs["input_ids"].shape[1]
     rows, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
     criteria = [_FirstStop(tokenizer, stop_strings, prompt_len, rows, device)] if stop_strings else []
-    out = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList(criteria))
+    try:
+        out = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList(criteria))
+    except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+        if "probability tensor contains" not in str(err):
+            raise
+        raise NonFiniteError(f"the policy's logits are not finite while sampling ({err})") from err
     tokens = out.sequences[:, prompt_len:]  # [N, Lc]
     logps, entropies = [], []
     forbidden = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=tokens.device)
