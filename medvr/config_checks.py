@@ -128,6 +128,7 @@ RULES: dict[str, Rule] = {
     "seed": integer(),
     "validate_before_training": boolean(),
     "test_after_training": boolean(),
+    "collapse_share": FRACTION,
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.betas.0": number(0, 1, max_open=True),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -20,11 +20,12 @@ import torch
 from PIL import ImageDraw
 
 from medvr.algo import AlgoConfig
+from medvr.answer_stats import ANSWERS, answer_counts, letter_stats, top_answer
 from medvr.grpo import group_advantages, masked_mean, policy_loss
 from medvr.models.spec import ModelSpec
 from medvr.prompts import PromptBuilder
 from medvr.rewards import WeightedSum
-from medvr.rewards.answer import accuracy_reward, format_reward
+from medvr.rewards.answer import accuracy_reward, chosen_letter, format_reward
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.encode import vision_token_ids
 from medvr.rollout.generate import NonFiniteError, token_logps
@@ -61,6 +62,7 @@ class GRPOModule(L.LightningModule):
         algo: AlgoConfig,
         optimizer: Callable[..., torch.optim.Optimizer],
         samples_to_keep: int = 4,
+        collapse_share: float = 0.8,
     ):
         super().__init__()
         self.spec = model
@@ -73,6 +75,7 @@ class GRPOModule(L.LightningModule):
         self.algo = algo
         self.optimizer_factory = optimizer
         self.samples_to_keep = samples_to_keep
+        self.collapse_share = collapse_share
         self.automatic_optimization = False
         # a list hides the frozen copy from nn.Module registration: no state_dict, no checkpoint
         self._frozen_ref: list[torch.nn.Module] = []
@@ -83,7 +86,8 @@ class GRPOModule(L.LightningModule):
         self._window: list[dict[str, float]] = []  # train metrics of the current accumulation window
         self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
         self._reward_stats: dict[str, float] = {}  # monitors of the last reward call (train/cca/*)
-        self._eval = defaultdict(lambda: torch.zeros(3))  # modality -> [correct, formatted, total]
+        self._eval = defaultdict(lambda: torch.zeros(3))  # "modality/<m>" | "type/<t>" -> [correct, formatted, total]
+        self._answers = torch.zeros(2, len(ANSWERS))  # [chosen, key] counts per answer letter
         self.nonfinite_steps = 0  # updates skipped because the loss or the gradient norm was NaN/inf
         self._nonfinite_in_a_row = 0
         self._grad_norm = math.nan
@@ -289,6 +293,9 @@ class GRPOModule(L.LightningModule):
             "train/truncated_rate": rollouts.truncated.float().mean().item(),
             "train/entropy": masked_mean(rollouts.entropies, policy_mask).item(),
         }
+        chosen = answer_counts([chosen_letter(c) for c in rollouts.completions])
+        for name, value in letter_stats(chosen).items():
+            metrics[f"train/answer/{name}"] = value
         for name, values in terms.items():
             known = [v for v in values if v is not None]
             if known:
@@ -353,22 +360,43 @@ class GRPOModule(L.LightningModule):
         )
         acc = accuracy_reward(rollouts.completions, answer=[r["answer"] for r in batch])
         fmt = format_reward(rollouts.completions)
-        for record, a, f in zip(batch, acc, fmt):
-            self._eval[record["modality"]] += torch.tensor([float(a > 0), f, 1.0])
+        for record, a, f, completion in zip(batch, acc, fmt, rollouts.completions):
+            row = torch.tensor([float(a > 0), f, 1.0])
+            self._eval[f"modality/{record['modality']}"] += row
+            if record.get("question_type"):
+                self._eval[f"type/{record['question_type']}"] += row
+            letter = chosen_letter(completion) or "-"
+            self._answers[0, ANSWERS.index(letter if letter in ANSWERS else "-")] += 1
+            self._answers[1, ANSWERS.index(record["answer"])] += 1
 
     def _log_eval(self, split: str) -> None:
         names = sorted(self._eval)
         counts = torch.stack([self._eval[n] for n in names]).to(self.device)  # [M, 3]
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        total = counts.sum(0)
+        answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()  # [2, A]
+        total = counts[[n.startswith("modality/") for n in names]].sum(0)
         metrics = {
             f"{split}/acc": (total[0] / total[2]).item(),
             f"{split}/format": (total[1] / total[2]).item(),
         }
         for name, row in zip(names, counts):
-            metrics[f"{split}/acc/{name}"] = (row[0] / row[2]).item()
+            kind, _, value = name.partition("/")
+            metrics[f"{split}/acc/{value}" if kind == "modality" else f"{split}/acc/{name}"] = (row[0] / row[2]).item()
+        chosen = Counter({a: int(c) for a, c in zip(ANSWERS, answers[0]) if c > 0})
+        keys = Counter({a: int(c) for a, c in zip(ANSWERS, answers[1]) if c > 0})
+        stats = letter_stats(chosen, keys)
+        for name, value in stats.items():
+            metrics[f"{split}/answer/{name}"] = value
         self.log_dict(metrics, logger=False)  # for checkpoint monitors and callback_metrics
         self._log_at_step(metrics)
         self._eval.clear()
+        self._answers.zero_()
         if math.isfinite(metrics[f"{split}/acc"]):
             self.print(f"{split}/acc {metrics[f'{split}/acc']:.3f}  format {metrics[f'{split}/format']:.3f}")
+        if stats and stats["top_share"] >= self.collapse_share:
+            letter, _ = top_answer(chosen)
+            log.warning(
+                "%s: the policy gives the answer '%s' to %.0f%% of the questions (keys with that letter: %.0f%%): "
+                "it has collapsed onto one letter, and its accuracy measures the key distribution, not reading",
+                split, letter, 100 * stats["top_share"], 100 * stats["top_key_share"],
+            )

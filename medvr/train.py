@@ -26,7 +26,15 @@ from medvr import resume as resuming
 from medvr.config_checks import check_config
 from medvr.module import GRPOModule
 from medvr.signals import GracefulStop, Interrupted
-from medvr.tracking.run import describe, log_config, make_logger, record_failure, record_kill, swept_overrides
+from medvr.tracking.run import (
+    describe,
+    log_config,
+    make_logger,
+    progress_summary,
+    record_failure,
+    record_kill,
+    swept_overrides,
+)
 
 
 # medvr's sampler continues an epoch from Lightning's restored progress (medvr/data/sampler.py)
@@ -73,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             datamodule = instantiate(cfg.data)
             datamodule.setup("fit")
             parts["reward"].check_data(datamodule.splits, datamodule.source.name)
-            module = GRPOModule(model=spec, **parts)
+            module = GRPOModule(model=spec, collapse_share=cfg.collapse_share, **parts)
             callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
             callbacks += [resuming.ResumeState(logger.run_id, settings), stop]
             trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
@@ -86,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if cfg.test_after_training:
                 trainer.test(module, datamodule=datamodule, verbose=False)
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+            print(progress_summary(logger), flush=True)
             logger.end("FINISHED")
         except BaseException as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else stop.signum

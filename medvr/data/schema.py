@@ -31,9 +31,12 @@ FEATURES = datasets.Features(
         "answer": datasets.Value("string"),
         "modality": datasets.Value("string"),
         "bbox": datasets.List(datasets.Value("int32")),
+        "question_type": datasets.Value("string"),
     }
 )
 FIELDS = tuple(FEATURES)
+# fields a dataset may lack (None): the lesion/organ box, the question's type (per-type accuracy)
+OPTIONAL_FIELDS = ("bbox", "question_type")
 # Part of the key of cached "dataset passed" verdicts: bump whenever the checks below change.
 VALIDATION_VERSION = 2
 # Above this many pixels an image is refused rather than decoded (a 1-gigapixel RGB scan takes
@@ -163,7 +166,7 @@ def validate_record(record: dict, where: str) -> dict:
     `where` names the row in errors, e.g. "synthetic/train row 12 (id=syn-train-00012)".
     The image is returned decoded in full, as an 'L' or 'RGB' PIL image.
     """
-    missing = [field for field in FIELDS if field not in record and field != "bbox"]
+    missing = [field for field in FIELDS if field not in record and field not in OPTIONAL_FIELDS]
     if missing:
         raise RecordError(
             f"{where}: missing field(s) {missing} (row has {sorted(record)}); rename the dataset "
@@ -193,6 +196,9 @@ def validate_record(record: dict, where: str) -> dict:
             f"{list(LETTERS[: len(options)])}; store the letter of the correct option, not its text"
         )
     bbox = _check_bbox(record.get("bbox"), image.size, where)
+    question_type = record.get("question_type")
+    if question_type is not None and (not isinstance(question_type, str) or not question_type.strip()):
+        raise RecordError(f"{where}: 'question_type' must be a non-empty string or None, got {question_type!r}")
 
     try:
         image = _normalise_mode(image)
@@ -206,6 +212,7 @@ def validate_record(record: dict, where: str) -> dict:
         "answer": answer,
         "modality": record["modality"],
         "bbox": bbox,
+        "question_type": question_type,
     }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from medvr.data.schema import FEATURES, FIELDS
+from medvr.data.schema import FEATURES, FIELDS, OPTIONAL_FIELDS
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -104,15 +104,16 @@ class HFVQASource:
         # An unmapped column that already carries a target name would clash with the rename.
         clashing = [c for c in renames.values() if c in rows.column_names and c not in renames]
         rows = rows.remove_columns(clashing).rename_columns(renames)
-        absent = [f for f in FIELDS if f not in rows.column_names and f != "bbox"]
+        absent = [f for f in FIELDS if f not in rows.column_names and f not in OPTIONAL_FIELDS]
         if absent:
             raise ValueError(
                 f"{where}: no column for schema field(s) {absent}; the dataset has "
                 f"{rows.column_names}; map them with data.source.columns.<field>=<column>"
             )
         rows = rows.select_columns([f for f in FIELDS if f in rows.column_names])
-        if "bbox" not in rows.column_names:
-            rows = rows.add_column("bbox", [None] * len(rows), feature=FEATURES["bbox"])
+        for field in OPTIONAL_FIELDS:
+            if field not in rows.column_names:
+                rows = rows.add_column(field, [None] * len(rows), feature=FEATURES[field])
         root = self._local_root()
         if rows.features["image"] == datasets.Value("string"):
             if root is not None:

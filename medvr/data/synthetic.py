@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from medvr.data.schema import FEATURES, LETTERS, MAX_OPTIONS
 
-GENERATOR_VERSION = 1  # part of the cache key: bump whenever drawing or questions change
+GENERATOR_VERSION = 2  # part of the cache key: bump whenever drawing or questions change
 SIZES = ((256, 256), (288, 256), (256, 320), (320, 288))  # (width, height)
 MODALITIES = ("MRI", "CT", "X-ray")
 SHAPES = ("round", "square", "triangle", "cross", "diamond")
@@ -264,7 +264,7 @@ def _item(i, seed, split):
              "quadrant": f"{'upper' if box[3] <= h / 2 else 'lower'} {side}"}
     question, options, answer, rationale = _question(kind, facts, rng)
     record = {"id": f"syn-{split}-{i:05d}", "image": image, "question": question, "options": options,
-              "answer": answer, "modality": modality, "bbox": box}
+              "answer": answer, "modality": modality, "bbox": box, "question_type": kind}
     return SyntheticItem(record=record, rationale=rationale)
 
 

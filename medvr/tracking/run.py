@@ -127,6 +127,19 @@ def record_kill(logger: RunLogger, signal_name: str, step: int, checkpoint: str 
     logger.end("KILLED")
 
 
+def progress_summary(logger: RunLogger) -> str:
+    """Start (first evaluation) and end (last evaluation, test) of every accuracy and answer-spread metric."""
+    client, run_id = logger.experiment, logger.run_id
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(("val/acc", "val/answer/")))
+    lines = ["what the run learned (first validation -> last validation | test):"]
+    for key in keys:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        test = client.get_run(run_id).data.metrics.get("test/" + key.removeprefix("val/"))
+        end = f" | {test:.3f}" if test is not None else ""
+        lines.append(f"  {key:<28} {history[0].value:.3f} -> {history[-1].value:.3f}{end}")
+    return "\n".join(lines)
+
+
 def describe(logger: RunLogger) -> str:
     uri = logger._tracking_uri
     hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri

@@ -1,0 +1,46 @@
+"""Collapse is visible: answer-letter spread (train and eval), accuracy per question type, a warning."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import mlflow
+import pytest
+
+from conftest import TWO_STEPS, compose_cfg
+from medvr.answer_stats import answer_counts, letter_stats, top_answer
+from medvr.data import synthetic
+from medvr.train import run
+
+
+def test_letter_stats_of_a_collapsed_and_a_spread_policy():
+    collapsed = letter_stats(answer_counts(["A"] * 9 + [None]), Counter({"A": 3, "B": 7}))
+    assert collapsed["top_share"] == 0.9 and collapsed["top_key_share"] == 0.3
+    assert collapsed["entropy"] == pytest.approx(-(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1)))
+    spread = letter_stats(answer_counts(list("ABCD") * 5))
+    assert spread == {"entropy": pytest.approx(2.0), "top_share": 0.25}
+    assert top_answer(answer_counts(["B", "A", "B", "A"])) == ("A", 2)  # ties: alphabetically first
+    assert top_answer(answer_counts([None, None, "C"])) == ("-", 2)  # no letter is an answer of its own
+    assert letter_stats(Counter()) == {}
+
+
+def test_eval_logs_accuracy_per_type_and_the_answer_spread_and_warns_on_collapse(tmp_path, cache_dir, caplog):
+    overrides = [*TWO_STEPS, "trainer.max_steps=1", "validate_before_training=true", "collapse_share=0.01"]
+    cfg = compose_cfg(overrides, tmp_path, cache_dir)
+    with caplog.at_level(logging.WARNING, logger="medvr.module"):
+        run(cfg)
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    metrics = found.data.metrics
+    val = synthetic.generate(cfg.data.source.n_val, cfg.data.source.seed, "val")
+    types = Counter(item.record["question_type"] for item in val)
+    assert {f"val/acc/type/{t}" for t in types} <= set(metrics)
+    weighted = sum(metrics[f"val/acc/type/{t}"] * n for t, n in types.items()) / sum(types.values())
+    assert weighted == pytest.approx(metrics["val/acc"])  # the per-type accuracies add up to the total
+    keys = Counter(item.record["answer"] for item in val)
+    assert metrics["val/answer/top_key_share"] in {n / len(val) for n in keys.values()} | {0.0}
+    assert 0.0 <= metrics["val/answer/entropy"] <= math.log2(6)
+    assert {"train/answer/entropy", "train/answer/top_share"} <= set(metrics)
+    assert any("collapsed onto one letter" in r.getMessage() for r in caplog.records)
