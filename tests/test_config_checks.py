@@ -16,7 +16,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF) / g).glob("*.
 
 
 def _compose(overrides: list[str], tmp_path: Path):
-    extra = [f"data.source.path={tmp_path}/dataset"] if "data=hf" in overrides else []
+    extra = [f"data.path={tmp_path}/dataset"] if "data=hf" in overrides else []
     return compose_cfg([*overrides, *extra], tmp_path, tmp_path / "cache")
 
 

@@ -21,7 +21,8 @@ OPTIONS = [(g, o) for g, opts in GROUPS.items() for o in opts]
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_instantiates(group, option, tmp_path):
-    extra = [f"data.source.path={tmp_path}/dataset"] if (group, option) == ("data", "hf") else []
+    needs_path = group == "data" and option in ("hf", "omnimedvqa", "medvlm_r1_test")
+    extra = [f"data.path={tmp_path}/dataset"] if needs_path else []
     cfg = compose_cfg([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
     obj = instantiate(cfg[group])
     assert obj is not None

@@ -245,7 +245,7 @@ def test_hf_source_resolves_json_image_paths_and_reports_bad_rows(tmp_path):
 
 def test_hf_source_offline_hub_id_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="made-up-org/no-such-vqa.*data.source.path=/local/dir"):
+    with pytest.raises(FileNotFoundError, match="made-up-org/no-such-vqa.*data.path=/local/dir"):
         HFVQASource("made-up-org/no-such-vqa", {"train": "train"}).load()
 
 

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from conftest import FAST_MODEL, SMALL_DATA
+from medvr.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +56,12 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
     # one Hydra job directory per job
     assert len(list((tmp_path / "multiruns").glob("*/*/[0-9]"))) == 4
 
-    # the ablation report groups the finished runs by their option tags
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from report import ablation_table, formatted
-
-    table = ablation_table(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward"], metrics=["val/acc"])
+    # the ablation report groups the finished runs by their option tags; run directories do not split them
+    report = build_report(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward"], metrics=["val/acc"])
+    table = report.table
     assert sorted(table.index) == ["accuracy", "r1"] and table["runs"].tolist() == [1, 1]
     assert table["val/acc"].between(0, 1).all()
-    assert formatted(table).loc["r1", "val/acc"] == f"{table.loc['r1', 'val/acc']:.3f}"
+    assert report.formatted().loc["r1", "val/acc"] == f"{table.loc['r1', 'val/acc']:.3f} (n=1)"
 
 
 @pytest.mark.slow
@@ -80,8 +79,6 @@ def test_medvr_grid_reward_by_explore(tmp_path, cache_dir):
         assert ("train/cca/consensus_rate" in r.data.metrics) == (r.data.tags["reward"] == "cca")
         assert "train/explore/zooms_per_rollout" in r.data.metrics
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from report import ablation_table
-
-    table = ablation_table(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward", "explore"], metrics=["val/acc"])
+    report = build_report(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward", "explore"], metrics=["val/acc"])
+    table = report.table
     assert len(table) == 4 and table["runs"].tolist() == [1, 1, 1, 1]

@@ -9,6 +9,8 @@ from medvr.data.schema import (
     validate_dataset,
     validate_record,
 )
+from medvr.data.medvlm_r1 import MedVLMR1Test
+from medvr.data.omnimedvqa import OmniMedVQA
 from medvr.data.sources import HFVQASource
 from medvr.data.synthetic import SyntheticItem, SyntheticVQA, corpus_texts, generate
 
@@ -16,6 +18,8 @@ __all__ = [
     "FEATURES",
     "LETTERS",
     "HFVQASource",
+    "MedVLMR1Test",
+    "OmniMedVQA",
     "RecordError",
     "SyntheticItem",
     "SyntheticVQA",

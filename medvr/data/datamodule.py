@@ -71,7 +71,9 @@ class VQADataModule(LightningDataModule):
         seed: int = 0,
         max_image_pixels: int | None = None,
         verdict_cache: str | None = None,
+        path: str | None = None,
     ):
+        """`path` is where a real dataset lives; its source reads it (`source.path: ${..path}`)."""
         super().__init__()
         if max_image_pixels is not None and max_image_pixels < 1:
             raise ValueError(f"data.max_image_pixels={max_image_pixels}: give a positive pixel count or null")
@@ -80,6 +82,7 @@ class VQADataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.path = path
         self.max_image_pixels = max_image_pixels
         self.verdict_cache = None if verdict_cache is None else Path(verdict_cache)
         self.splits: datasets.DatasetDict | None = None

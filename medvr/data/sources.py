@@ -1,7 +1,7 @@
 """Real VQA datasets (a local directory or a hub id) mapped onto the medvr record schema.
 
 medvr runs offline by default, so a hub id that cannot be reached fails with an error that says
-how to point `data.source.path` at a local copy instead. Rows are checked by VQADataModule.setup,
+how to point `data.path` at a local copy instead. Rows are checked by VQADataModule.setup,
 which decodes every image once per dataset version.
 """
 
@@ -77,7 +77,7 @@ class HFVQASource:
             raise FileNotFoundError(
                 f"'{self.path}' is not a local path and the Hugging Face hub is disabled "
                 "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download the dataset elsewhere and pass "
-                "its local directory via data.source.path=/local/dir"
+                "its local directory via data.path=/local/dir"
             )
         else:
             try:
@@ -86,7 +86,7 @@ class HFVQASource:
                 raise RuntimeError(
                     f"'{self.path}' is not a local path and could not be loaded from the Hugging "
                     f"Face hub ({type(err).__name__}: {err}); if the hub is unreachable, pass a "
-                    "local copy via data.source.path=/local/dir"
+                    "local copy via data.path=/local/dir"
                 ) from err
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({"train": loaded})
