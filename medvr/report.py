@@ -6,9 +6,10 @@
         [--markdown | --markdown-out PATH] [--csv-out PATH] [--plots-dir DIR [--curve-metric val/acc]]
 
 A comparison that cannot lie: seeds (`seed`, `data/seed`) are the only thing averaged over. A run's
-config is its MLflow params (the resolved config, flattened by Lightning's MLFlowLogger); runs that
-differ in any other param are never pooled: `split` makes the differing keys part of the arm (the row
-shows `key=value`), `refuse` stops and names them. IGNORE lists the params that say where a run is,
+config is its whole resolved config, flattened (`optimizer/lr`): the `config_flat.json` artifact medvr
+logs next to its short list of params (a run without that artifact: its params); runs that differ in
+any other key are never pooled: `split` makes the differing keys part of the arm (the row
+shows `key=value`), `refuse` stops and names them. IGNORE lists the config keys that say where a run is,
 not what it is. The difference to a baseline arm pairs runs by seed (same seed: same data order and
 initial noise) and bootstraps a 95% CI from the per-seed differences (none below 2 pairs); with 3-5
 seeds that interval is optimistic, so read it together with the number of pairs.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,7 @@ DEFAULT_URI = f"sqlite:///{Path('outputs').resolve()}/mlflow.db"
 DEFAULT_BY = ("reward", "explore", "model", "algo")
 # the run seed and the data-order seed that interpolates it (model/seed builds the tiny model: config)
 SEED_KEYS = ("seed", "data/seed")
-# params (fnmatch patterns) that locate a run rather than describe it; extend with --ignore
+# config keys (fnmatch patterns) that locate a run rather than describe it; extend with --ignore
 IGNORE = (
     "callbacks/*/dirpath",  # checkpoints inside the run directory
     "trainer/default_root_dir",  # the run directory
@@ -41,6 +44,8 @@ IGNORE = (
     "data/source/cache_dir",
     "data/verdict_cache",
 )
+# the flattened resolved config of a run, written by medvr.tracking.run.log_config
+CONFIG_ARTIFACT = "config_flat.json"
 ABSENT = "<absent>"
 RESAMPLES = 10_000
 
@@ -60,7 +65,7 @@ def bootstrap_ci(differences, resamples: int = RESAMPLES) -> tuple[float, float]
 def finished_runs(
     tracking_uri: str, experiment: str, filter_string: str | None = None, parent_run_id: str | None = None
 ) -> tuple[mlflow.MlflowClient, list]:
-    """The client and the FINISHED runs of `experiment`, optionally filtered or only the children of one sweep."""
+    """The client and the FINISHED runs of `experiment` (sweep parents left out), optionally filtered or one sweep's."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         raise ReportError(f"no MLflow store at {tracking_uri}: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     client = mlflow.MlflowClient(tracking_uri)
@@ -73,26 +78,36 @@ def finished_runs(
     runs = client.search_runs([found.experiment_id], query, max_results=50_000)
     if runs.token:
         raise ReportError(f"more than 50000 runs where {query}: select fewer with --filter or --parent-run-id")
+    runs = [r for r in runs if r.data.tags.get("sweep") != "true"]  # a multirun's parent (medvr.tracking.sweep)
     if not runs:
         raise ReportError(f"experiment {experiment!r} at {tracking_uri} has no runs where {query}")
-    return client, list(runs)
+    return client, runs
 
 
-def _factor_values(runs, by: list[str]) -> list[dict[str, str]]:
-    """Each run's value of every factor: its tag of that name, else its param of that name."""
+def run_config(client: mlflow.MlflowClient, run) -> dict[str, str]:
+    """The run's params, completed by its flattened resolved config (CONFIG_ARTIFACT) where it has one."""
+    if not any(f.path == CONFIG_ARTIFACT for f in client.list_artifacts(run.info.run_id)):
+        return dict(run.data.params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run.info.run_id, CONFIG_ARTIFACT, tmp)
+        return {**run.data.params, **json.loads(Path(path).read_text())}
+
+
+def _factor_values(runs, full: list[dict[str, str]], by: list[str]) -> list[dict[str, str]]:
+    """Each run's value of every factor: its tag of that name, else its config key of that name."""
     tags = {t for r in runs for t in r.data.tags if not t.startswith("mlflow.")}
-    params = {k for r in runs for k in r.data.params}
+    params = {k for c in full for k in c}
     unknown = [f for f in by if f not in tags | params]
     if unknown:
-        raise ReportError(f"unknown factor(s) {unknown}: tags are {sorted(tags)}; params are {sorted(params)}")
-    return [{f: (r.data.tags if f in tags else r.data.params).get(f, ABSENT) for f in by} for r in runs]
+        raise ReportError(f"unknown factor(s) {unknown}: tags are {sorted(tags)}; config keys are {sorted(params)}")
+    return [{f: (r.data.tags if f in tags else c).get(f, ABSENT) for f in by} for r, c in zip(runs, full)]
 
 
-def _config(run, by: list[str], ignore: tuple[str, ...]) -> dict[str, str]:
-    """What a run is besides factors and seed: its params, and the option tag (`data=hf`) of each group not in `by`."""
+def _config(run, full: dict[str, str], by: list[str], ignore: tuple[str, ...]) -> dict[str, str]:
+    """What a run is besides factors and seed: its config, and the option tag (`data=hf`) of each group not in `by`."""
     config = {
         k: v
-        for k, v in run.data.params.items()
+        for k, v in full.items()
         if k not in SEED_KEYS and k not in by and not any(fnmatch.fnmatchcase(k, p) for p in ignore)
     }
     groups = {k.split("/", 1)[0] for k in config if "/" in k}
@@ -225,8 +240,9 @@ def build_report(
         raise ReportError(f"on_mismatch={on_mismatch!r}: expected 'split' or 'refuse'")
     by = list(by)
     client, runs = finished_runs(tracking_uri, experiment, filter_string, parent_run_id)
-    factors = _factor_values(runs, by)
-    configs = [_config(r, by, IGNORE + tuple(ignore)) for r in runs]
+    full = [run_config(client, r) for r in runs]
+    factors = _factor_values(runs, full, by)
+    configs = [_config(r, c, by, IGNORE + tuple(ignore)) for r, c in zip(runs, full)]
     shown = _shown_keys(factors, configs)
     names = _metric_names(runs, metrics)
     values = [{**f, **{k: c.get(k, ABSENT) for k in shown}} for f, c in zip(factors, configs)]

@@ -38,7 +38,9 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
     assert "algo.loss_type='ppo': expected one of" in out.stderr  # checked before the model loads
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    runs = [r for r in found if r.data.tags.get("sweep") != "true"]  # the jobs (children of the sweep's parent)
+    assert len(found) == len(runs) + 1
     assert len(runs) == 4
     by_status: dict[str, list] = {}
     for r in runs:
@@ -70,7 +72,9 @@ def test_medvr_grid_reward_by_explore(tmp_path, cache_dir):
     out = _sweep(tmp_path, cache_dir, "reward=accuracy,cca", "explore=none,evr")
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    runs = [r for r in found if r.data.tags.get("sweep") != "true"]  # the jobs (children of the sweep's parent)
+    assert len(found) == len(runs) + 1
     assert sorted((r.data.tags["reward"], r.data.tags["explore"]) for r in runs) == [
         ("accuracy", "evr"), ("accuracy", "none"), ("cca", "evr"), ("cca", "none"),
     ]

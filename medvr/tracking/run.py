@@ -8,6 +8,8 @@ FINISHED after fit and test, FAILED with the traceback, or KILLED with the signa
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import traceback
 from contextlib import nullcontext
@@ -16,19 +18,48 @@ from pathlib import Path
 from filelock import FileLock
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from medvr.report import CONFIG_ARTIFACT
 
 # config groups whose chosen option becomes an MLflow tag (filterable in the UI)
 TAG_GROUPS = ("reward", "explore", "model", "data", "algo", "prompt", "experiment")
 # groups whose option already appears in the run name
 NAME_GROUPS = ("reward", "explore", "model", "algo")
-# keys that never enter the params: they say where a run is, not what it is
+# keys that never enter the config a run is compared by: they say where a run is, not what it is
 NOT_PARAMS = ("hydra", "ckpt_path", "paths")
+# a run's MLflow params, kept short for the UI's columns: these groups' chosen options ...
+PARAM_GROUPS = ("reward", "explore", "model", "data", "algo")
+# ... these hyper-parameters (dotted config keys; MLflow shows `optimizer/lr`) and every key the sweep varies.
+# The whole resolved config is config.yaml, and flattened (what medvr.report compares runs by) config_flat.json.
+PARAMS = (
+    "seed",
+    "optimizer.lr",
+    "algo.group_size",
+    "algo.beta",
+    "algo.loss_type",
+    "algo.temperature",
+    "explore.max_new_tokens",
+    "trainer.max_steps",
+)
+# set by the sweep's parent run (medvr.tracking.sweep) for its jobs: the run id they are children of
+PARENT_ENV = "MEDVR_PARENT_RUN_ID"
+NOTE_TAG = "mlflow.note.content"
 
 
 class RunLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, except that Lightning's per-stage `finalize` leaves the run status alone."""
+    """Lightning's MLFlowLogger, except that Lightning's per-stage `finalize` leaves the run status alone.
+
+    `description` becomes the experiment's description (make_logger); `params` are set by make_logger.
+    """
+
+    def __init__(self, *args, description: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.description = description
+        self.params: dict[str, str] = {}
 
     def finalize(self, status: str = "success") -> None:
         if self._initialized and self._checkpoint_callback:
@@ -67,29 +98,61 @@ def run_name(cfg: DictConfig, choices: dict[str, str | None], swept: list[str]) 
     return "-".join([base, *extra]) + f"-s{cfg.seed}"
 
 
+def run_params(cfg: DictConfig, choices: dict[str, str | None], swept: list[str]) -> dict[str, str]:
+    """The run's params: the PARAM_GROUPS options, the PARAMS values and each swept key's value, keyed `a/b`."""
+    params = {g: str(choices[g]) for g in PARAM_GROUPS if choices.get(g) is not None}
+    for key in (*PARAMS, *swept):
+        name = key.lstrip("+~").split("@")[0]  # `+key=...` adds, `group@package=...` places
+        value = choices[name] if name in choices else OmegaConf.select(cfg, name, default=None)
+        if value is not None and not OmegaConf.is_config(value):
+            params[name.replace(".", "/")] = str(value)
+    return params
+
+
+def store_lock(uri: str):
+    """A file lock next to a sqlite store (created and migrated under it), else a no-op context.
+
+    Processes that start at once on a fresh store would otherwise race in its alembic migration
+    and leave it half-migrated (`table _alembic_tmp_tags already exists`).
+    """
+    if not uri.startswith("sqlite:"):
+        return nullcontext()
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock")
+
+
+def artifact_location(cfg: DictConfig) -> str | None:
+    """Where a new experiment keeps artifacts: `logger.artifact_location`, else <output_dir>/mlartifacts for sqlite."""
+    if cfg.logger.artifact_location is None and cfg.logger.tracking_uri.startswith("sqlite:"):
+        return str(Path(cfg.paths.output_dir).resolve() / "mlartifacts")
+    return cfg.logger.artifact_location
+
+
+def note_experiment(client: MlflowClient, experiment_id: str, description: str | None) -> None:
+    """Give the experiment `description` (MLflow's experiment note) unless it already has one."""
+    if description and not client.get_experiment(experiment_id).tags.get(NOTE_TAG):
+        client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+
+
 def make_logger(cfg: DictConfig, choices: dict[str, str | None], swept: list[str], run_id: str | None = None) -> RunLogger:
     """The run's logger, its MLflow run created (or, resuming, reopened as RUNNING) before it returns.
 
-    A new sqlite store is created and migrated under a file lock next to the database: processes
-    that start at once on a fresh store would otherwise race in its alembic migration and leave it
-    half-migrated (`table _alembic_tmp_tags already exists`).
+    In a multirun the run is a child of the sweep's parent run (PARENT_ENV, set by medvr.tracking.sweep).
     """
     tags = {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) is not None}
     tags["seed"] = str(cfg.seed)
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     overrides = {"tags": tags, "run_name": run_name(cfg, choices, swept), "run_id": run_id}
-    uri = cfg.logger.tracking_uri
-    lock = None
-    if uri.startswith("sqlite:"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        database.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{database}.lock")
-        if cfg.logger.artifact_location is None:
-            overrides["artifact_location"] = str(Path(cfg.paths.output_dir).resolve() / "mlartifacts")
-    with lock if lock is not None else nullcontext():
+    overrides["artifact_location"] = artifact_location(cfg)
+    with store_lock(cfg.logger.tracking_uri):
         logger = instantiate(cfg.logger, **overrides)
         client = logger.experiment  # creates the store, the experiment and the run
+        note_experiment(client, logger.experiment_id, logger.description)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
+    logger.params = run_params(cfg, choices, swept)
     return logger
 
 
@@ -99,11 +162,18 @@ def resolved(cfg: DictConfig, drop: tuple[str, ...] = ("hydra",)) -> dict:
     return {k: v for k, v in container.items() if k not in drop}
 
 
+def flat_config(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config without NOT_PARAMS, flattened and stringified as Lightning flattens params (`a/b`)."""
+    return {k: str(v) for k, v in _flatten_dict(resolved(cfg, NOT_PARAMS)).items()}
+
+
 def log_config(logger: RunLogger, cfg: DictConfig, resumed: bool = False) -> None:
-    """The resolved config, flattened as params and whole as config.yaml (a resumed run already has its params)."""
+    """The short params (a resumed run has them), the config whole as config.yaml and flattened as config_flat.json."""
     if not resumed:
-        logger.log_hyperparams(resolved(cfg, NOT_PARAMS))
-    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(resolved(cfg)), "config.yaml")
+        logger.log_hyperparams(logger.params)
+    client = logger.experiment
+    client.log_text(logger.run_id, OmegaConf.to_yaml(resolved(cfg)), "config.yaml")
+    client.log_text(logger.run_id, json.dumps(flat_config(cfg), indent=1, sort_keys=True), CONFIG_ARTIFACT)
 
 
 def record_failure(logger: RunLogger, exc: BaseException) -> None:
