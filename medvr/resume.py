@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.logger import _flatten_dict
 import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
@@ -33,17 +34,7 @@ def config_items(cfg: DictConfig) -> dict[str, object]:
     with open_dict(cfg):
         for key in cfg.get("paths", {}):
             cfg.paths[key] = f"<paths.{key}>"
-    flat: dict[str, object] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(resolved(cfg, NOT_PARAMS), "")
-    return flat
+    return _flatten_dict(resolved(cfg, NOT_PARAMS), delimiter=".")
 
 
 def differences(saved: dict, current: dict) -> list[str]:
