@@ -11,6 +11,7 @@ from PIL import Image
 
 from medvr.data import (
     FEATURES,
+    records_dataset,
     LETTERS,
     HFVQASource,
     RecordError,
@@ -273,11 +274,11 @@ def test_datamodule_batches_lists_of_validated_records(tmp_path):
 def test_datamodule_fails_at_setup_on_a_bad_row():
     records = [it.record for it in generate(3, seed=0, split="test")]
     records[2]["options"], records[2]["answer"] = records[2]["options"][:2], "E"
-    broken = _InMemorySource({"test": datasets.Dataset.from_list(records, features=FEATURES)})
+    broken = _InMemorySource({"test": records_dataset(records)})
     with pytest.raises(RecordError, match=r"in-memory/test row 2 \(id=syn-test-00002\)"):
         VQADataModule(broken, batch_size=2, eval_batch_size=2).setup("test")
 
-    test_only = _InMemorySource({"test": datasets.Dataset.from_list(records[:2], features=FEATURES)})
+    test_only = _InMemorySource({"test": records_dataset(records[:2])})
     with pytest.raises(ValueError, match="no 'train' split.*data.source.splits.train"):
         VQADataModule(test_only, batch_size=2, eval_batch_size=2).train_dataloader()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile
 
-from medvr.data import FEATURES, HFVQASource, RecordError, SyntheticVQA, VQADataModule, generate
+from medvr.data import FEATURES, HFVQASource, RecordError, SyntheticVQA, VQADataModule, generate, records_dataset
 
 
 class _InMemorySource:
@@ -17,7 +17,7 @@ class _InMemorySource:
 
     def __init__(self, splits: dict[str, list[dict]]):
         self.splits = datasets.DatasetDict(
-            {split: datasets.Dataset.from_list(rows, features=FEATURES) for split, rows in splits.items()}
+            {split: records_dataset(rows) for split, rows in splits.items()}
         )
 
     def load(self):
@@ -122,7 +122,7 @@ def test_a_100_megapixel_image_is_downscaled_once_with_its_bbox(tmp_path, monkey
     huge.save(tmp_path / "huge.png")
     records = _records(2)
     records[1]["image"], records[1]["bbox"] = str(tmp_path / "huge.png"), [6000, 3000, 7000, 4000]
-    datasets.DatasetDict({"test": datasets.Dataset.from_list(records, features=FEATURES)}).save_to_disk(
+    datasets.DatasetDict({"test": records_dataset(records)}).save_to_disk(
         str(tmp_path / "data")
     )
     source = HFVQASource(str(tmp_path / "data"), {"test": "test"})

@@ -49,7 +49,8 @@ def _expected(root: Path, dataset: str, i: int) -> dict:
     return {"id": f"{dataset}/{dataset}_{i:04d}", "image": str(root / f"Images/{dataset}/test/case {i} (a).png"),
             "question": f"What does this {dataset} image show? ({i})",
             "options": [f"{dataset} finding {k}" for k in range(n)], "answer": LETTERS[i % n],
-            "modality": SHORT[modality], "bbox": None, "question_type": TYPES[i % 2]}
+            "modality": SHORT[modality], "bbox": None, "question_type": TYPES[i % 2], "answer_type": "choice",
+            "extra_images": None, "boxes": None, "dataset": dataset}
 
 
 def _write_tree(root: Path, with_images: bool = True) -> Path:
@@ -162,6 +163,7 @@ def _write_test_file(folder: Path, omni: Path) -> Path:
 
 
 def test_medvlm_r1_test_file_rows_become_records(omni, tmp_path):
+    DS = "OmniMedVQA"  # noqa: N806 (the file's `dataset` column)
     path = _write_test_file(tmp_path, omni)
     splits = _source(MedVLMR1Test, "medvlm_r1_test.yaml", path=str(path), image_root=str(tmp_path / "huatuo")).load()
     assert sorted(splits) == ["test", "val"] and _rows(splits["val"]) == _rows(splits["test"])
@@ -170,13 +172,13 @@ def test_medvlm_r1_test_file_rows_become_records(omni, tmp_path):
         {"id": "MRI_CT_XRAY_300each_dataset/0000", "image": str(root / "images/brain002206.png"),
          "question": "What is apparent in this image?",
          "options": ["Hemorrhage", "Acute infarct", "Abscess", "Chronic infarct"], "answer": "D",
-         "modality": "MRI", "bbox": None, "question_type": None},
+         "modality": "MRI", "bbox": None, "question_type": None, "answer_type": "choice", "extra_images": None, "boxes": None, "dataset": DS},
         {"id": "MRI_CT_XRAY_300each_dataset/0001", "image": str(root / "images/chest 01.png"),
          "question": "Which organ is shown?", "options": ["Lung", "Liver", "Heart"], "answer": "B",
-         "modality": "CT", "bbox": None, "question_type": None},
+         "modality": "CT", "bbox": None, "question_type": None, "answer_type": "choice", "extra_images": None, "boxes": None, "dataset": None},
         {"id": "MRI_CT_XRAY_300each_dataset/0002", "image": str(root / "images/case 5 (a).png"),
          "question": "What does this MR Knee image show? (5)", "options": [f"MR Knee finding {k}" for k in range(4)],
-         "answer": "B", "modality": "X-ray", "bbox": None, "question_type": None},
+         "answer": "B", "modality": "X-ray", "bbox": None, "question_type": None, "answer_type": "choice", "extra_images": None, "boxes": None, "dataset": None},
     ]
     # with no image_root, paths are relative to the JSON's folder
     default = _source(MedVLMR1Test, "medvlm_r1_test.yaml", path=str(path)).load()

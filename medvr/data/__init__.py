@@ -2,9 +2,11 @@
 
 from medvr.data.datamodule import VQADataModule, collate_records
 from medvr.data.schema import (
+    ANSWER_TYPES,
     FEATURES,
     LETTERS,
     RecordError,
+    records_dataset,
     VQASource,
     validate_dataset,
     validate_record,
@@ -15,6 +17,7 @@ from medvr.data.sources import HFVQASource
 from medvr.data.synthetic import SyntheticItem, SyntheticVQA, corpus_texts, generate
 
 __all__ = [
+    "ANSWER_TYPES",
     "FEATURES",
     "LETTERS",
     "HFVQASource",
@@ -28,6 +31,7 @@ __all__ = [
     "collate_records",
     "corpus_texts",
     "generate",
+    "records_dataset",
     "validate_dataset",
     "validate_record",
 ]

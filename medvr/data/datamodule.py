@@ -133,7 +133,7 @@ class VQADataModule(LightningDataModule):
             return rows
         where = f"{self.source.name}/{split}"
         cache = None if verdict_file is None else verdict_file.with_name(f"{verdict_file.stem}-{split}-shrunk.arrow")
-        raw = rows.cast_column("image", datasets.Image(decode=False))
+        raw = _undecoded(rows)
         with strict_decoding():
             small = raw.select(oversized, keep_in_memory=True).map(
                 _shrink_batch,
@@ -156,7 +156,7 @@ class VQADataModule(LightningDataModule):
         for position, row in enumerate(oversized):
             order[row] = len(rows) + position
         combined = datasets.concatenate_datasets([raw, small]).select(order, keep_in_memory=True)
-        return combined.cast_column("image", datasets.Image())
+        return combined.cast(rows.features)
 
     def _split(self, split: str) -> _Records:
         self.setup()
@@ -199,6 +199,22 @@ class VQADataModule(LightningDataModule):
         return sorted(set(self._split("val").rows["modality"]))
 
 
+def _undecoded(rows: datasets.Dataset) -> datasets.Dataset:
+    """The split with its image columns as undecoded {'bytes', 'path'} values."""
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    if "extra_images" in rows.column_names:
+        rows = rows.cast_column("extra_images", datasets.List(datasets.Image(decode=False)))
+    return rows
+
+
+def _image_paths(column: pa.ChunkedArray) -> list:
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    if pa.types.is_struct(column.type):  # datasets.Image(): a path counts only without bytes
+        column = pc.filter(pc.struct_field(column, "path"), pc.is_null(pc.struct_field(column, "bytes")))
+    return column.to_pylist()
+
+
 def _image_files_signature(rows: datasets.Dataset) -> str | None:
     """Hash of the (path, size, mtime) of the image files a split points to, None if it has none.
 
@@ -206,10 +222,8 @@ def _image_files_signature(rows: datasets.Dataset) -> str | None:
     """
     if "image" not in rows.column_names:
         return None
-    column = rows.data.column("image")
-    if pa.types.is_struct(column.type):  # datasets.Image(): a path counts only without bytes
-        column = pc.filter(pc.struct_field(column, "path"), pc.is_null(pc.struct_field(column, "bytes")))
-    paths = [path for path in column.to_pylist() if isinstance(path, str)]
+    columns = [c for c in ("image", "extra_images") if c in rows.column_names]
+    paths = [path for c in columns for path in _image_paths(rows.data.column(c)) if isinstance(path, str)]
     if not paths:
         return None
     digest = hashlib.sha256()
@@ -259,17 +273,27 @@ def _scale_box(bbox: list[int], old: tuple[int, int], new: tuple[int, int]) -> l
             -(-x2 * new_width // width), -(-y2 * new_height // height)]
 
 
+def _small_copy(image: Image.Image, max_pixels: int) -> tuple[dict, tuple[int, int]]:
+    """A PNG copy within max_pixels (the image itself, re-encoded, when it is small enough) and its size."""
+    size = image.size if image.width * image.height <= max_pixels else _fit(image.width, image.height, max_pixels)
+    small = image if size == image.size else image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", compress_level=1)
+    return {"bytes": buffer.getvalue(), "path": None}, size
+
+
 def _shrink_batch(batch: dict, indices: list[int], rows: list[int], where: str, max_pixels: int) -> dict:
-    """datasets.map function: each image -> a PNG copy within max_pixels, its bbox scaled to match."""
+    """datasets.map function: each image -> a PNG copy within max_pixels, its boxes scaled to match."""
     for k, position in enumerate(indices):
         record = {field: column[k] for field, column in batch.items()}
         clean = validate_record(record, f"{where} row {rows[position]} (id={record['id']})")
         image = clean["image"]
-        size = _fit(image.width, image.height, max_pixels)
-        small = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        buffer = io.BytesIO()
-        small.save(buffer, format="PNG", compress_level=1)
-        batch["image"][k] = {"bytes": buffer.getvalue(), "path": None}
+        batch["image"][k], size = _small_copy(image, max_pixels)
         if clean["bbox"] is not None:
             batch["bbox"][k] = _scale_box(clean["bbox"], image.size, size)
+        if clean["boxes"]:
+            batch["boxes"][k] = [{"name": b["name"], "bbox": _scale_box(b["bbox"], image.size, size)}
+                                 for b in clean["boxes"]]
+        if clean["extra_images"]:
+            batch["extra_images"][k] = [_small_copy(extra, max_pixels)[0] for extra in clean["extra_images"]]
     return batch

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datasets
 
-from medvr.data.schema import FEATURES, LETTERS, RecordError
+from medvr.data.schema import LETTERS, RecordError, records_dataset
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def _record(row: dict, index: int, path: Path, root: Path, modality_names: Mappi
         "modality": modality_names.get(row["subset"], row["subset"]),
         "bbox": None,
         "question_type": None,
+        "answer_type": "choice",
+        "dataset": row.get("dataset") if isinstance(row.get("dataset"), str) and row.get("dataset") else None,
     }
 
 
@@ -110,7 +112,6 @@ class MedVLMR1Test:
         self.modality_names = dict(modality_names)
 
     def load(self) -> datasets.DatasetDict:
-        rows = datasets.Dataset.from_list(read_test_file(self.path, self.image_root, self.modality_names),
-                                          features=FEATURES)
+        rows = records_dataset(read_test_file(self.path, self.image_root, self.modality_names))
         log.info("%s: %d items from %s", self.name, len(rows), self.path)
         return datasets.DatasetDict({"val": rows, "test": rows})

@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from medvr.data.medvlm_r1 import read_test_file
-from medvr.data.schema import FEATURES, LETTERS, RecordError
+from medvr.data.schema import LETTERS, RecordError, records_dataset
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ def to_record(qa: QARow, root: Path, modality_names: Mapping[str, str]) -> dict:
         "modality": modality_names.get(qa.modality, qa.modality),
         "bbox": None,
         "question_type": row["question_type"],
+        "answer_type": "choice",
+        "dataset": qa.dataset,
     }
 
 
@@ -240,7 +242,7 @@ class OmniMedVQA:
         for split in SPLITS:
             counts = Counter(r["modality"] for r in splits[split])
             log.info("omnimedvqa/%s: %d items %s", split, len(splits[split]), dict(sorted(counts.items())))
-        return datasets.DatasetDict({s: datasets.Dataset.from_list(splits[s], features=FEATURES) for s in SPLITS})
+        return datasets.DatasetDict({s: records_dataset(splits[s]) for s in SPLITS})
 
 
 def _identity(record: dict) -> tuple[str, str]:

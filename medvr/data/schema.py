@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 
 LETTERS = "ABCDE"
 MIN_OPTIONS, MAX_OPTIONS = 2, 5
+# choice: lettered options, the answer is the key letter; closed: yes/no (or a closed word list, as in
+# SLAKE), open: free text; closed and open questions have no options and the answer is the text
+ANSWER_TYPES = ("choice", "closed", "open")
 
-# A record is a plain dict with exactly these fields; bbox is [x1, y1, x2, y2] in pixels or None.
+# A record is a plain dict with exactly these fields. Boxes are [x1, y1, x2, y2] in pixels of `image`.
 FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -30,15 +33,24 @@ FEATURES = datasets.Features(
         "options": datasets.List(datasets.Value("string")),
         "answer": datasets.Value("string"),
         "modality": datasets.Value("string"),
+        # the box the question is about (grounding reward, consensus-to-truth monitor), or None
         "bbox": datasets.List(datasets.Value("int32")),
         "question_type": datasets.Value("string"),
+        "answer_type": datasets.Value("string"),
+        # further images of a multi-image question (MedXpertQA), shown after `image`, in order
+        "extra_images": datasets.List(datasets.Image()),
+        # named ground-truth boxes of `image` (SLAKE's organs): [{"name": "Liver", "bbox": [...]}]
+        "boxes": datasets.List({"name": datasets.Value("string"), "bbox": datasets.List(datasets.Value("int32"))}),
+        # the source dataset of the row (OmniMedVQA's sub-datasets), for per-dataset reading
+        "dataset": datasets.Value("string"),
     }
 )
 FIELDS = tuple(FEATURES)
-# fields a dataset may lack (None): the lesion/organ box, the question's type (per-type accuracy)
-OPTIONAL_FIELDS = ("bbox", "question_type")
+# fields a dataset may lack (None): the question's box, its type (per-type accuracy), its answer type
+# (None: choice), further images, named boxes, source dataset
+OPTIONAL_FIELDS = ("bbox", "question_type", "answer_type", "extra_images", "boxes", "dataset")
 # Part of the key of cached "dataset passed" verdicts: bump whenever the checks below change.
-VALIDATION_VERSION = 2
+VALIDATION_VERSION = 3
 # Above this many pixels an image is refused rather than decoded (a 1-gigapixel RGB scan takes
 # 3 GB); PIL's own decompression-bomb limit (~89 MP) is lifted while medvr checks sizes itself.
 DECODE_PIXEL_CEILING = 1_000_000_000
@@ -47,6 +59,12 @@ _PROGRESS_SECONDS = 10.0
 
 class RecordError(ValueError):
     """A dataset row that does not follow the record schema."""
+
+
+def records_dataset(records: list[dict]) -> datasets.Dataset:
+    """A datasets.Dataset of records in the schema's features; absent optional fields become None."""
+    columns = {field: [record.get(field) for record in records] for field in FIELDS}
+    return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
 class VQASource(Protocol):
@@ -181,39 +199,84 @@ def validate_record(record: dict, where: str) -> dict:
     if not isinstance(record["id"], (str, int, np.integer)):
         raise RecordError(f"{where}: 'id' must be a string or integer, got {record['id']!r}")
 
-    options = record["options"]
-    if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
-        raise RecordError(f"{where}: 'options' must be a list of strings, got {options!r}")
-    if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
-        raise RecordError(
-            f"{where}: {len(options)} options, but a question needs {MIN_OPTIONS} to "
-            f"{MAX_OPTIONS} (letters {LETTERS}); drop or merge options"
-        )
-    answer = record["answer"].strip().upper() if isinstance(record["answer"], str) else None
-    if answer is None or len(answer) != 1 or answer not in LETTERS[: len(options)]:
-        raise RecordError(
-            f"{where}: answer {record['answer']!r} is not one of the option letters "
-            f"{list(LETTERS[: len(options)])}; store the letter of the correct option, not its text"
-        )
+    answer_type = record.get("answer_type") or "choice"
+    if answer_type not in ANSWER_TYPES:
+        raise RecordError(f"{where}: answer_type {answer_type!r} is unknown; use one of {list(ANSWER_TYPES)}")
+    options, answer = _check_answer(record.get("options"), record["answer"], answer_type, where)
     bbox = _check_bbox(record.get("bbox"), image.size, where)
-    question_type = record.get("question_type")
-    if question_type is not None and (not isinstance(question_type, str) or not question_type.strip()):
-        raise RecordError(f"{where}: 'question_type' must be a non-empty string or None, got {question_type!r}")
+    boxes = _check_boxes(record.get("boxes"), image.size, where)
+    for field in ("question_type", "dataset"):
+        value = record.get(field)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise RecordError(f"{where}: '{field}' must be a non-empty string or None, got {value!r}")
+    extra = record.get("extra_images") or []
+    if not isinstance(extra, (list, tuple)):
+        raise RecordError(f"{where}: 'extra_images' must be a list of images, got {type(extra).__name__}")
+    extra_images = [_open_image(value, f"{where} extra image {k}") for k, value in enumerate(extra)]
 
-    try:
-        image = _normalise_mode(image)
-    except Exception as err:  # truncated or corrupt pixel data
-        raise RecordError(f"{where}: {_image_label(record['image'])} cannot be decoded ({err}); re-save it") from err
+    images = []
+    for k, (value, opened) in enumerate(zip([record["image"], *extra], [image, *extra_images])):
+        try:
+            images.append(_normalise_mode(opened))
+        except Exception as err:  # truncated or corrupt pixel data
+            label = _image_label(value) if k == 0 else f"extra image {k - 1}: {_image_label(value)}"
+            raise RecordError(f"{where}: {label} cannot be decoded ({err}); re-save it") from err
     return {
         "id": str(record["id"]),
-        "image": image,
+        "image": images[0],
         "question": record["question"],
-        "options": list(options),
+        "options": options,
         "answer": answer,
         "modality": record["modality"],
         "bbox": bbox,
-        "question_type": question_type,
+        "question_type": record.get("question_type"),
+        "answer_type": answer_type,
+        "extra_images": images[1:],
+        "boxes": boxes,
+        "dataset": record.get("dataset"),
     }
+
+
+def _check_answer(options: Any, answer: Any, answer_type: str, where: str) -> tuple[list[str], str]:
+    """Choice: 2..5 options and the key letter (upper-cased). Closed/open: no options, the answer text."""
+    options = [] if options is None else options
+    if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+        raise RecordError(f"{where}: 'options' must be a list of strings, got {options!r}")
+    if answer_type != "choice":
+        if options:
+            raise RecordError(f"{where}: a {answer_type} question has no options, got {len(options)}; "
+                              "make it answer_type 'choice' with a key letter, or drop the options")
+        if not isinstance(answer, str) or not answer.strip():
+            raise RecordError(f"{where}: answer {answer!r} of a {answer_type} question must be a non-empty text")
+        return [], answer.strip()
+    if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
+        raise RecordError(
+            f"{where}: {len(options)} options, but a choice question needs {MIN_OPTIONS} to "
+            f"{MAX_OPTIONS} (letters {LETTERS}); drop or merge options, or set answer_type closed/open"
+        )
+    letter = answer.strip().upper() if isinstance(answer, str) else None
+    if letter is None or len(letter) != 1 or letter not in LETTERS[: len(options)]:
+        raise RecordError(
+            f"{where}: answer {answer!r} is not one of the option letters "
+            f"{list(LETTERS[: len(options)])}; store the letter of the correct option, not its text"
+        )
+    return list(options), letter
+
+
+def _check_boxes(boxes: Any, size: tuple[int, int], where: str) -> list[dict]:
+    """Named boxes: a list of {"name": non-empty str, "bbox": [x1, y1, x2, y2]} inside the image."""
+    if boxes is None:
+        return []
+    if not isinstance(boxes, (list, tuple)):
+        raise RecordError(f"{where}: 'boxes' must be a list of {{'name', 'bbox'}}, got {type(boxes).__name__}")
+    out = []
+    for k, box in enumerate(boxes):
+        if not isinstance(box, dict) or not isinstance(box.get("name"), str) or not box["name"].strip():
+            raise RecordError(f"{where}: boxes[{k}] = {box!r} needs a non-empty 'name' and a 'bbox'")
+        out.append({"name": box["name"], "bbox": _check_bbox(box.get("bbox"), size, f"{where} boxes[{k}] ({box['name']})")})
+        if out[-1]["bbox"] is None:
+            raise RecordError(f"{where}: boxes[{k}] ({box['name']}) has no bbox")
+    return out
 
 
 def validate_dataset(
@@ -239,16 +302,20 @@ def validate_dataset(
 def _validate_split(rows: datasets.Dataset, where: str, max_image_pixels: int | None, batch_size: int) -> list[int]:
     if isinstance(rows.features.get("image"), datasets.Image):
         rows = rows.cast_column("image", datasets.Image(decode=False))  # decoded here, in full
+    if "extra_images" in rows.features:
+        rows = rows.cast_column("extra_images", datasets.List(datasets.Image(decode=False)))
     oversized = []
     started = last_report = time.monotonic()
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         for offset, values in enumerate(zip(*batch.values())):
             record = dict(zip(batch, values))
-            image = validate_record(record, f"{where} row {start + offset} (id={record.get('id')})")["image"]
-            if max_image_pixels is not None and image.width * image.height > max_image_pixels:
+            clean = validate_record(record, f"{where} row {start + offset} (id={record.get('id')})")
+            images = [clean["image"], *clean["extra_images"]]
+            if max_image_pixels is not None and any(i.width * i.height > max_image_pixels for i in images):
                 oversized.append(start + offset)
-            image.close()
+            for image in images:
+                image.close()
         if time.monotonic() - last_report > _PROGRESS_SECONDS:
             last_report = time.monotonic()
             log.info("%s: checked %d/%d images", where, min(start + batch_size, len(rows)), len(rows))

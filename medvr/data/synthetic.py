@@ -16,9 +16,9 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medvr.data.schema import FEATURES, LETTERS, MAX_OPTIONS
+from medvr.data.schema import LETTERS, MAX_OPTIONS, records_dataset
 
-GENERATOR_VERSION = 2  # part of the cache key: bump whenever drawing or questions change
+GENERATOR_VERSION = 3  # part of the cache key: bump whenever drawing or questions change
 SIZES = ((256, 256), (288, 256), (256, 320), (320, 288))  # (width, height)
 MODALITIES = ("MRI", "CT", "X-ray")
 SHAPES = ("round", "square", "triangle", "cross", "diamond")
@@ -307,9 +307,7 @@ class SyntheticVQA:
 
     def build(self) -> datasets.DatasetDict:
         return datasets.DatasetDict({
-            split: datasets.Dataset.from_list(
-                [item.record for item in generate(n, self.seed, split)], features=FEATURES
-            )
+            split: records_dataset([item.record for item in generate(n, self.seed, split)])
             for split, n in self.sizes.items()
         })
 
