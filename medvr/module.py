@@ -25,15 +25,17 @@ from medvr.grpo import group_advantages, masked_mean, policy_loss
 from medvr.models.spec import ModelSpec
 from medvr.prompts import PromptBuilder
 from medvr.rewards import WeightedSum
-from medvr.rewards.answer import accuracy_reward, chosen_letter, format_reward
+from medvr.rewards.answer import chosen_letter
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.encode import vision_token_ids
 from medvr.rollout.generate import NonFiniteError, token_logps
+from medvr.scoring import Tally, score
+from medvr.scoring import metrics as eval_metrics
 
 log = logging.getLogger(__name__)
 
 # dataset columns handed to reward functions (TRL passes every dataset column the same way)
-REWARD_COLUMNS = ("id", "question", "options", "answer", "modality", "bbox")
+REWARD_COLUMNS = ("id", "question", "options", "answer", "answer_type", "modality", "bbox", "boxes")
 
 
 def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,8 +88,8 @@ class GRPOModule(L.LightningModule):
         self._window: list[dict[str, float]] = []  # train metrics of the current accumulation window
         self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
         self._reward_stats: dict[str, float] = {}  # monitors of the last reward call (train/cca/*)
-        self._eval = defaultdict(lambda: torch.zeros(3))  # "modality/<m>" | "type/<t>" -> [correct, formatted, total]
-        self._answers = torch.zeros(2, len(ANSWERS))  # [chosen, key] counts per answer letter
+        self._eval = Tally()  # per group of eval rows (all, modality, question type, answer type): score sums
+        self._answers = torch.zeros(2, len(ANSWERS))  # [chosen, key] counts per answer letter (choice rows)
         self.nonfinite_steps = 0  # updates skipped because the loss or the gradient norm was NaN/inf
         self._nonfinite_in_a_row = 0
         self._grad_norm = math.nan
@@ -329,7 +331,7 @@ class GRPOModule(L.LightningModule):
             {
                 "id": batch[i // g]["id"],
                 "image": _with_boxes(batch[i // g]["image"], [z.box for z in zooms[i] if z.box is not None]),
-                "prompt": self.prompt.text(batch[i // g]["question"], batch[i // g]["options"]),
+                "prompt": self.prompt.record_text(batch[i // g]),
                 "answer": batch[i // g]["answer"],
                 "completion": rollouts.completions[i],
                 "reward": float(rewards[i]),
@@ -354,34 +356,24 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def _eval_step(self, batch: list[dict]) -> None:
-        """Greedy decoding; a record counts as correct when the chosen letter is the key (reward > 0)."""
+        """Greedy decoding, each answer scored as MedVLM-R1's evaluation does (medvr/scoring.py)."""
         rollouts = self.explore.rollout(
             self.policy, self.processor, self.prompt, batch, group_size=1, temperature=1.0, greedy=True
         )
-        acc = accuracy_reward(rollouts.completions, answer=[r["answer"] for r in batch])
-        fmt = format_reward(rollouts.completions)
-        for record, a, f, completion in zip(batch, acc, fmt, rollouts.completions):
-            row = torch.tensor([float(a > 0), f, 1.0])
-            self._eval[f"modality/{record['modality']}"] += row
-            if record.get("question_type"):
-                self._eval[f"type/{record['question_type']}"] += row
-            letter = chosen_letter(completion) or "-"
-            self._answers[0, ANSWERS.index(letter if letter in ANSWERS else "-")] += 1
-            self._answers[1, ANSWERS.index(record["answer"])] += 1
+        for record, completion in zip(batch, rollouts.completions):
+            scored = score(record, completion)
+            self._eval.add(record, scored)
+            if (record.get("answer_type") or "choice") == "choice":
+                letter = scored.answer if scored.answer in ANSWERS else "-"
+                self._answers[0, ANSWERS.index(letter)] += 1
+                self._answers[1, ANSWERS.index(record["answer"])] += 1
 
     def _log_eval(self, split: str) -> None:
-        names = sorted(self._eval)
-        counts = torch.stack([self._eval[n] for n in names]).to(self.device)  # [M, 3]
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        names, sums = self._eval.table()
+        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
         answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()  # [2, A]
-        total = counts[[n.startswith("modality/") for n in names]].sum(0)
-        metrics = {
-            f"{split}/acc": (total[0] / total[2]).item(),
-            f"{split}/format": (total[1] / total[2]).item(),
-        }
-        for name, row in zip(names, counts):
-            kind, _, value = name.partition("/")
-            metrics[f"{split}/acc/{value}" if kind == "modality" else f"{split}/acc/{name}"] = (row[0] / row[2]).item()
+        metrics = eval_metrics(names, sums, split)
+        metrics.pop(f"{split}/n", None)
         chosen = Counter({a: int(c) for a, c in zip(ANSWERS, answers[0]) if c > 0})
         keys = Counter({a: int(c) for a, c in zip(ANSWERS, answers[1]) if c > 0})
         stats = letter_stats(chosen, keys)
@@ -391,7 +383,7 @@ class GRPOModule(L.LightningModule):
         self._log_at_step(metrics)
         self._eval.clear()
         self._answers.zero_()
-        if math.isfinite(metrics[f"{split}/acc"]):
+        if math.isfinite(metrics.get(f"{split}/acc", math.nan)):
             self.print(f"{split}/acc {metrics[f'{split}/acc']:.3f}  format {metrics[f'{split}/format']:.3f}")
         if stats and stats["top_share"] >= self.collapse_share:
             letter, _ = top_answer(chosen)

@@ -36,12 +36,12 @@ TWO_STEPS = [
 ]
 
 
-def compose_cfg(overrides: list[str], tmp: Path, cache: Path):
-    """Compose conf/train.yaml like `python train.py` would, with every output under `tmp`."""
+def compose_cfg(overrides: list[str], tmp: Path, cache: Path, config_name: str = "train"):
+    """Compose conf/<config_name>.yaml like `python train.py` (or eval.py) would, with every output under `tmp`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(
-            "train",
+            config_name,
             overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}", *overrides],
             return_hydra_config=True,
         )

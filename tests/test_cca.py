@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from conftest import FAST_MODEL, SMALL_DATA, TWO_STEPS, compose_cfg
 from medvr.explore.trajectory import Zoom
-from medvr.rewards.consensus import ConsensusAnswer, ConsensusGrounding, fuse, iou, majority_vote
+from medvr.rewards.consensus import ConsensusAnswer, ConsensusGrounding, fuse, iou, majority_correct, majority_vote
 from medvr.train import run
 
 
@@ -63,7 +63,7 @@ def test_consensus_from_successful_rollouts_only():
     term = _grounding()
     rewards = term(completions, group=[0, 0, 0, 0], zoom_boxes=boxes, answer=["A"] * 4)
     # the wrong rollout's box never votes; the successful one that did not zoom gets 0
-    consensus = term._last[0]
+    (consensus,) = term._last[0]
     assert consensus in (tuple(good), (2, 2, 42, 42))
     assert rewards[0] == pytest.approx(iou(good, consensus)) and rewards[3] == 0.0
     assert rewards[2] == 0.0
@@ -184,3 +184,27 @@ def test_two_training_steps_of_cca_with_evr(tmp_path, cache_dir):
     assert "train/explore/trigger_rate" in metrics
     history = client.get_metric_history(found.info.run_id, "train/cca/consensus_rate")
     assert len(history) == 2
+
+
+def test_grounding_gt_without_the_questions_box_scores_the_best_matching_named_box():
+    organs = [{"name": "Liver", "bbox": [0, 0, 40, 40]}, {"name": "Heart", "bbox": [60, 60, 100, 100]}]
+    term = _grounding(source="gt")
+    completions = [_answer("A")] * 3
+    zooms = [[[60, 60, 100, 100]], [[0, 0, 20, 40]], []]
+    rewards = term(completions, group=[0, 0, 0], zoom_boxes=zooms, answer=["A"] * 3, bbox=[None] * 3, boxes=[organs] * 3)
+    assert rewards == [1.0, pytest.approx(0.5), 0.0]  # each zoom is scored against the organ it matches best
+    # the question's own box wins over the named boxes
+    named = term(completions, group=[0, 0, 0], zoom_boxes=zooms, bbox=[[0, 0, 40, 40]] * 3, boxes=[organs] * 3)
+    assert named == [0.0, pytest.approx(0.5), 0.0]
+    # no box of any kind: not scored
+    assert term(completions, group=[0, 0, 0], zoom_boxes=zooms, bbox=[None] * 3, boxes=[[]] * 3) == [None] * 3
+
+
+def test_consensus_of_open_answers_compares_normalised_text():
+    completions = ["<think>x</think><answer>The Liver.</answer>", "<think>y</think><answer>liver</answer>",
+                   "<think>z</think><answer>spleen</answer>"]
+    zooms = [[[0, 0, 40, 40]], [[0, 0, 40, 40]], [[50, 50, 90, 90]]]
+    term = _grounding()
+    rewards = term(completions, group=[0, 0, 0], zoom_boxes=zooms, answer=["liver"] * 3, answer_type=["open"] * 3)
+    assert term._last[0] == [(0, 0, 40, 40)] and rewards == [1.0, 1.0, 0.0]
+    assert majority_correct(completions, [0, 0, 0], ["Liver"] * 3, ["open"] * 3) == 1.0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg
 
@@ -21,7 +22,8 @@ OPTIONS = [(g, o) for g, opts in GROUPS.items() for o in opts]
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_instantiates(group, option, tmp_path):
-    needs_path = group == "data" and option in ("hf", "omnimedvqa", "medvlm_r1_test")
+    # real datasets name no default location (`path: ???`); nothing is read before setup()
+    needs_path = group == "data" and OmegaConf.is_missing(OmegaConf.load(Path(CONF) / group / f"{option}.yaml"), "path")
     extra = [f"data.path={tmp_path}/dataset"] if needs_path else []
     cfg = compose_cfg([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
     obj = instantiate(cfg[group])
@@ -38,6 +40,7 @@ def test_experiment_medvlm_r1_sets_the_paper_recipe(tmp_path):
     assert cfg.model.hub_id == "Qwen/Qwen2-VL-2B-Instruct" and cfg.model.max_pixels == 401408
     algo = instantiate(cfg.algo)
     assert (algo.group_size, algo.beta, algo.num_iterations, algo.grad_accum) == (4, 0.04, 1, 2)
+    assert (algo.temperature, algo.loss_type, algo.scale_rewards, algo.advantage_eps) == (1.0, "grpo", "group", 1e-4)
     assert cfg.optimizer.lr == 1e-6 and cfg.explore.max_new_tokens == 512
     assert cfg.data.batch_size == 1 and cfg.trainer.max_epochs == 2
     assert sorted(instantiate(cfg.reward).names) == ["accuracy", "format"]

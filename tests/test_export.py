@@ -36,6 +36,7 @@ def _perturb(params) -> None:
 def _logits(model, processor, prompt) -> torch.Tensor:
     record = synthetic.generate(1, seed=3, split="test")[0].record
     inputs = encode_prompts(processor, prompt, [record], repeat=1)
+    inputs.pop("images_per_row")
     return model.eval()(**inputs, use_cache=False).logits  # [1, L, V]
 
 

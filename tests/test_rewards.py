@@ -148,3 +148,29 @@ def test_weighted_sum_validates_terms_and_lengths():
     reward = WeightedSum(terms={"short": lambda completions, **_: [1.0]}, weights={"short": 1.0})
     with pytest.raises(ValueError, match="'short' returned 1 values for 2 completions"):
         reward.score(["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("answer", "key", "expected"),
+    [
+        ("Yes", "yes", 1.0),
+        (" yes. ", "Yes", 1.0),
+        ("no", "yes", 0.0),
+        ("The left lung", "left lung", 1.0),  # articles, case and punctuation are ignored
+        ("left lung, lower lobe", "left lung", 0.0),  # exact match, not containment
+        ("A", "a", 1.0),  # an open answer "A" is text, not option A
+    ],
+)
+def test_closed_and_open_answers_score_by_normalised_exact_match(answer, key, expected):
+    completions = [wrap(answer)]
+    assert accuracy_reward(completions, answer=[key], answer_type=["open"]) == [expected]
+    assert accuracy_reward(completions, answer=[key], answer_type=["closed"]) == [expected]
+
+
+def test_answer_types_mix_in_one_batch():
+    completions = [wrap("B"), wrap("yes"), wrap("Right lung")]
+    rewards = accuracy_reward(
+        completions, answer=["B", "Yes", "right lung"], options=[OPTIONS, [], []], answer_type=["choice", "closed", "open"]
+    )
+    assert rewards == [1.0, 1.0, 1.0]
+    assert accuracy_reward([wrap("no answer tag")[:-9]], answer=["yes"], answer_type=["closed"]) == [0.0]

@@ -12,9 +12,14 @@ from medvr.data.schema import (
     validate_record,
 )
 from medvr.data.medvlm_r1 import MedVLMR1Test
+from medvr.data.medxpertqa import MedXpertQAMM
 from medvr.data.omnimedvqa import OmniMedVQA
+from medvr.data.pmc_vqa import PMCVQA
+from medvr.data.path_vqa import PathVQA
+from medvr.data.slake import Slake
 from medvr.data.sources import HFVQASource
 from medvr.data.synthetic import SyntheticItem, SyntheticVQA, corpus_texts, generate
+from medvr.data.vqa_rad import VQARAD
 
 __all__ = [
     "ANSWER_TYPES",
@@ -22,11 +27,16 @@ __all__ = [
     "LETTERS",
     "HFVQASource",
     "MedVLMR1Test",
+    "MedXpertQAMM",
     "OmniMedVQA",
+    "PMCVQA",
+    "PathVQA",
     "RecordError",
+    "Slake",
     "SyntheticItem",
     "SyntheticVQA",
     "VQADataModule",
+    "VQARAD",
     "VQASource",
     "collate_records",
     "corpus_texts",

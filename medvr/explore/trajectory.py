@@ -54,17 +54,18 @@ class Trajectory:
 
     @classmethod
     def from_prompts(cls, enc: dict[str, Tensor], records: list[dict]) -> list[Trajectory]:
-        """One trajectory per row of `encode_prompts` output (one image per prompt row)."""
-        patches = enc["image_grid_thw"].prod(-1).tolist()
-        pixels = torch.split(enc["pixel_values"].cpu(), patches)
+        """One trajectory per row of `encode_prompts` output, with that row's images."""
+        pixels = torch.split(enc["pixel_values"].cpu(), enc["image_grid_thw"].prod(-1).tolist())
+        first = [0, *enc["images_per_row"].cumsum(0).tolist()]
         out = []
         for r, record in enumerate(records):
             keep = enc["attention_mask"][r].bool().cpu()
             ids = enc["input_ids"][r].cpu()[keep]
             t = cls(record=record, prompt_len=len(ids))
             t.add(ids, enc["mm_token_type_ids"][r].cpu()[keep], loss=0)
-            t.pixels.append(pixels[r])
-            t.grids.append(enc["image_grid_thw"][r].cpu())
+            for image in range(first[r], first[r + 1]):
+                t.pixels.append(pixels[image])
+                t.grids.append(enc["image_grid_thw"][image].cpu())
             out.append(t)
         return out
 

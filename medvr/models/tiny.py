@@ -53,7 +53,8 @@ class TinyQwen2VL(ModelSpec):
             "vision": dict(vision),
             "warm_start": dict(warm_start),
             "prompt": {
-                k: getattr(prompt, k) for k in ("system", "template", "zoom_system", "observation", "invalid_observation")
+                "template": prompt.templates["choice"],  # the warm start asks choice questions only
+                **{k: getattr(prompt, k) for k in ("system", "zoom_system", "observation", "invalid_observation")},
             },
             "pixels": [self.min_pixels, self.max_pixels],
             "box_scale": self.box_scale,

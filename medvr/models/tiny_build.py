@@ -30,6 +30,7 @@ from medvr.explore.trajectory import Trajectory, assemble
 from medvr.explore.zoom import ZoomEnv
 from medvr.models.tiny_tokenizer import train_tokenizer
 from medvr.prompts import PromptBuilder
+from medvr.rollout.encode import encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
     """One teacher trajectory: prompt, then the answer turn, optionally with a zoom onto the lesion first."""
     record = item.record
     system = prompt.zoom_system if env is not None else None
-    text = processor.apply_chat_template(prompt.messages(record, system=system), add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[text], images=[record["image"]], return_tensors="pt")
+    enc = encode_prompts(processor, prompt, [record], repeat=1, system=system)
     traj = Trajectory.from_prompts(enc, [record])[0]
     answer = f"{item.rationale}</think><answer>{record['answer']}</answer><|im_end|>"
     tok = processor.tokenizer

@@ -1,4 +1,4 @@
-"""Rule rewards of MedVLM-R1 (arXiv 2502.19634) for multiple-choice answers: accuracy and format.
+"""Rule rewards of MedVLM-R1 (arXiv 2502.19634): accuracy and format; accuracy also for yes/no and open answers.
 
 Both follow TRL's reward contract: `fn(completions: list[str], **columns) -> list[float | None]`,
 with dataset columns arriving as lists (`answer` holds the key letter of each row). Extra columns
@@ -14,6 +14,9 @@ Accuracy (max 1.0), on the text inside the last complete <answer>...</answer> pa
   letters count in the rest of the text (so the article "a" is not option A);
 - 0.0 otherwise: wrong letter, several letters ("A or B"), free text, no complete answer tag pair.
 A row whose key is None is not scored (None).
+Closed (yes/no) and open (free-text) rows (`answer_type` column) score 1.0 when the <answer> text
+equals the key after normalisation (case, punctuation, articles a/an/the and extra spaces ignored),
+else 0.0: the exact-match rule VQA-RAD, SLAKE and PathVQA papers report as closed accuracy.
 Format (max 1.0): the stripped completion fullmatches `<think>.*?</think>\\s*<answer>.*?</answer>`
 (DOTALL), the paper's regex; it is lenient about repeated tags inside the two blocks.
 """
@@ -28,6 +31,13 @@ _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 _EXACT = re.compile(r"\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*[.):]?")
 _LEADING = re.compile(r"\(?\s*([A-Z])(?![A-Za-z0-9])")
 _STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased, punctuation and articles removed, whitespace collapsed (SQuAD-style answer normalisation)."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
 
 
 def extract_answer(text: str) -> str | None:
@@ -41,6 +51,22 @@ def chosen_letter(text: str) -> str | None:
     answer = extract_answer(text)
     exact = _EXACT.fullmatch(answer) if answer is not None else None
     return (exact.group(1) or exact.group(2)).upper() if exact else None
+
+
+def chosen_answer(text: str, answer_type: str | None = None) -> str | None:
+    """What a completion answers, comparable across rollouts and with `key_answer`: the option letter of a
+    choice question (`chosen_letter`), the normalised <answer> text of a closed or open one; None if none."""
+    if answer_type in (None, "choice"):
+        return chosen_letter(text)
+    answer = extract_answer(text)
+    return normalize_text(answer) or None if answer is not None else None
+
+
+def key_answer(key: str | None, answer_type: str | None = None) -> str | None:
+    """The key in `chosen_answer`'s form: the upper-cased letter, or the normalised text."""
+    if key is None:
+        return None
+    return key.strip().upper() if answer_type in (None, "choice") else normalize_text(key)
 
 
 def _option_letters(options: list[str] | None) -> str:
@@ -72,17 +98,29 @@ def answer_score(answer: str | None, key: str, letters: str = string.ascii_upper
     return 0.0 if others else 0.5
 
 
+def text_score(answer: str | None, key: str) -> float:
+    """Closed/open accuracy: 1.0 when the answer equals the key after `normalize_text`, else 0.0."""
+    return float(answer is not None and normalize_text(answer) == normalize_text(key))
+
+
 def accuracy_reward(
-    completions: list[str], answer: list[str | None], options: list[list[str]] | None = None, **_: object
+    completions: list[str],
+    answer: list[str | None],
+    options: list[list[str]] | None = None,
+    answer_type: list[str | None] | None = None,
+    **_: object,
 ) -> list[float | None]:
-    """1.0 / 0.5 / 0.0 per completion against the key letter in `answer` (see the module docstring)."""
+    """Per completion: 1.0 / 0.5 / 0.0 against the key letter of a choice row, 1.0 / 0.0 exact match for
+    closed and open rows (see the module docstring). `answer_type` None (or a None entry) means choice."""
     rewards: list[float | None] = []
     for row, (completion, key) in enumerate(zip(completions, answer, strict=True)):
         if key is None:
             rewards.append(None)
-            continue
-        letters = _option_letters(None if options is None else options[row])
-        rewards.append(answer_score(extract_answer(completion), _key_letter(key, row), letters))
+        elif answer_type is not None and answer_type[row] not in (None, "choice"):
+            rewards.append(text_score(extract_answer(completion), key))
+        else:
+            letters = _option_letters(None if options is None else options[row])
+            rewards.append(answer_score(extract_answer(completion), _key_letter(key, row), letters))
     return rewards
 
 

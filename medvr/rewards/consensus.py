@@ -4,7 +4,9 @@ Per group of rollouts of one prompt: the successful rollouts (answer == key, or 
 majority answer with `label_free`) vote with their zoom boxes; the fused consensus region (when
 at least `min_agree` of them zoomed) is the pseudo-label, and each rollout's grounding reward is
 the IoU of its zoom box(es) with it. `source="gt"` uses the dataset's box instead: the paper's
-"with annotation" control. Rewards follow the TRL contract; None = no target in this group.
+"with annotation" control; a row without the question's box (`bbox`) but with named boxes (SLAKE's
+organs, `boxes`) is scored against the best-matching of them. Answers of closed and open questions
+are compared as normalised text. Rewards follow the TRL contract; None = no target in this group.
 Boxes are [x1, y1, x2, y2] pixels of the original image, x2/y2 exclusive.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from medvr.rewards.answer import chosen_letter
+from medvr.rewards.answer import chosen_answer, key_answer
 
 Box = Sequence[float]
 FUSIONS = ("medoid", "weighted_median")
@@ -64,6 +66,22 @@ def fuse(boxes: Sequence[Box], method: str = "medoid") -> tuple[float, ...]:
     raise ValueError(f"reward fusion={method!r}: choose one of {FUSIONS}")
 
 
+def truth_boxes(bbox: Box | None, boxes: Sequence[dict] | None) -> list[Box]:
+    """Ground-truth candidates of a row: the question's box, else every named box (best match wins)."""
+    if bbox:
+        return [bbox]
+    return [b["bbox"] for b in boxes or [] if b.get("bbox")]
+
+
+def best_iou(box: Box, candidates: Sequence[Box]) -> float:
+    return max((iou(box, c) for c in candidates), default=0.0)
+
+
+def _answers(completions, answer_type, rows=None) -> list[str | None]:
+    rows = range(len(completions)) if rows is None else rows
+    return [chosen_answer(completions[i], None if answer_type is None else answer_type[i]) for i in rows]
+
+
 def _groups(group: Sequence[int]) -> dict[int, list[int]]:
     rows = defaultdict(list)
     for i, g in enumerate(group):
@@ -94,29 +112,37 @@ class ConsensusGrounding:
         if self.source != "gt":
             return
         rows = splits["train"]
-        for i, (rid, box) in enumerate(zip(rows["id"], rows["bbox"])):
-            if not box:
+        named = rows["boxes"] if "boxes" in rows.column_names else [None] * len(rows)
+        for i, (rid, box, boxes) in enumerate(zip(rows["id"], rows["bbox"], named)):
+            if not truth_boxes(box, boxes):
                 raise ValueError(
-                    f"reward=grounding_gt needs a bounding box on every training row, but {where}/train row {i} "
-                    f"(id {rid!r}) has none; use reward=cca (consensus boxes, no annotation) for this dataset."
+                    f"reward=grounding_gt needs a bounding box (bbox or named boxes) on every training row, but "
+                    f"{where}/train row {i} (id {rid!r}) has none; use reward=cca (consensus boxes, no annotation) "
+                    "for this dataset."
                 )
 
-    def targets(self, completions, group, zoom_boxes, answer=None, bbox=None) -> dict[int, tuple[float, ...] | None]:
-        """Target region per group: consensus of the successful rollouts' boxes, or the true box."""
+    def targets(
+        self, completions, group, zoom_boxes, answer=None, bbox=None, boxes=None, answer_type=None
+    ) -> dict[int, list[Box] | None]:
+        """Target regions per group: the consensus of the successful rollouts' boxes, or the true box(es)."""
         out = {}
         for g, rows in _groups(group).items():
             if self.source == "gt":
-                box = bbox[rows[0]]
-                out[g] = tuple(box) if box else None
+                out[g] = truth_boxes(bbox[rows[0]], None if boxes is None else boxes[rows[0]]) or None
                 continue
-            answers = [chosen_letter(completions[i]) for i in rows]
-            ref = majority_vote(answers) if self.label_free else answer[rows[0]]
+            answers = _answers(completions, answer_type, rows)
+            kind = None if answer_type is None else answer_type[rows[0]]
+            ref = majority_vote(answers) if self.label_free else key_answer(answer[rows[0]], kind)
             voters = [i for i, a in zip(rows, answers) if ref is not None and a == ref and zoom_boxes[i]]
-            out[g] = fuse([b for i in voters for b in zoom_boxes[i]], self.fusion) if len(voters) >= self.min_agree else None
+            enough = len(voters) >= self.min_agree
+            out[g] = [fuse([b for i in voters for b in zoom_boxes[i]], self.fusion)] if enough else None
         return out
 
-    def __call__(self, completions: list[str], group, zoom_boxes, answer=None, bbox=None, **_) -> list[float | None]:
-        self._last = self.targets(completions, group, zoom_boxes, answer=None if self.label_free else answer, bbox=bbox)
+    def __call__(
+        self, completions: list[str], group, zoom_boxes, answer=None, bbox=None, boxes=None, answer_type=None, **_
+    ) -> list[float | None]:
+        answer = None if self.label_free else answer
+        self._last = self.targets(completions, group, zoom_boxes, answer, bbox, boxes, answer_type)
         rewards: list[float | None] = []
         for i, g in enumerate(group):
             target = self._last[g]
@@ -125,24 +151,27 @@ class ConsensusGrounding:
             elif not zoom_boxes[i]:
                 rewards.append(0.0)  # did not ground although the group agreed on a region
             else:
-                scores = [iou(b, target) for b in zoom_boxes[i]]
+                scores = [best_iou(b, target) for b in zoom_boxes[i]]
                 rewards.append(max(scores) if self.aggregate == "max" else sum(scores) / len(scores))
         return rewards
 
-    def stats(self, rewards, completions=None, group=None, answer=None, bbox=None, **_) -> dict[str, float]:
+    def stats(
+        self, rewards, completions=None, group=None, answer=None, bbox=None, boxes=None, answer_type=None, **_
+    ) -> dict[str, float]:
         """train/cca/* monitors of the last call; they read the labels, the reward itself never does."""
         targets = self._last
         if not targets:
             return {}
         out = {"cca/consensus_rate": sum(t is not None for t in targets.values()) / len(targets)}
         if self.label_free and answer is not None:
-            out["cca/majority_correct"] = majority_correct(completions, group, answer)
+            out["cca/majority_correct"] = majority_correct(completions, group, answer, answer_type)
         known = [r for r in rewards if r is not None]
         if known:
             out["cca/iou_to_consensus"] = sum(known) / len(known)
         if self.source == "consensus" and bbox is not None and group is not None:
             first = {g: rows[0] for g, rows in _groups(group).items()}
-            ious = [iou(t, bbox[first[g]]) for g, t in targets.items() if t is not None and bbox[first[g]]]
+            truth = {g: truth_boxes(bbox[i], None if boxes is None else boxes[i]) for g, i in first.items()}
+            ious = [best_iou(t[0], truth[g]) for g, t in targets.items() if t is not None and truth[g]]
             if ious:
                 out["cca/consensus_iou_to_gt"] = sum(ious) / len(ious)
         return out
@@ -154,20 +183,21 @@ class ConsensusAnswer:
     def __init__(self) -> None:
         self.__name__ = "consensus_answer"
 
-    def __call__(self, completions: list[str], group, **_) -> list[float | None]:
-        answers = [chosen_letter(c) for c in completions]
+    def __call__(self, completions: list[str], group, answer_type=None, **_) -> list[float | None]:
+        answers = _answers(completions, answer_type)
         majority = {g: majority_vote([answers[i] for i in rows]) for g, rows in _groups(group).items()}
         return [float(majority[g] is not None and a == majority[g]) for a, g in zip(answers, group)]
 
-    def stats(self, rewards, completions=None, group=None, answer=None, **_) -> dict[str, float]:
+    def stats(self, rewards, completions=None, group=None, answer=None, answer_type=None, **_) -> dict[str, float]:
         if completions is None or group is None or answer is None:
             return {}
-        return {"cca/majority_correct": majority_correct(completions, group, answer)}
+        return {"cca/majority_correct": majority_correct(completions, group, answer, answer_type)}
 
 
-def majority_correct(completions: list[str], group, answer) -> float:
+def majority_correct(completions: list[str], group, answer, answer_type=None) -> float:
     """Share of groups whose majority answer is the key: how good label-free pseudo-labels are."""
-    answers = [chosen_letter(c) for c in completions]
+    answers = _answers(completions, answer_type)
     rows = _groups(group)
-    hits = [majority_vote([answers[i] for i in r]) == answer[r[0]] for r in rows.values()]
+    kinds = [None] * len(completions) if answer_type is None else answer_type
+    hits = [majority_vote([answers[i] for i in r]) == key_answer(answer[r[0]], kinds[r[0]]) for r in rows.values()]
     return sum(hits) / len(hits)

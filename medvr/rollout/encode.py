@@ -8,25 +8,37 @@ from torch import Tensor
 from medvr.prompts import PromptBuilder
 
 
+def record_images(record: dict) -> list:
+    """A record's images in prompt order: `image`, then any `extra_images`."""
+    return [record["image"], *(record.get("extra_images") or [])]
+
+
 def encode_prompts(
     processor, prompt: PromptBuilder, records: list[dict], repeat: int, system: str | None = None
 ) -> dict[str, Tensor]:
-    """Left-padded processor output with every prompt's row (and image) repeated `repeat` times, contiguously.
+    """Left-padded processor output with every prompt's row (and images) repeated `repeat` times, contiguously.
 
-    `system` replaces the prompt's system turn (an explore option's tool instructions).
+    `system` replaces the prompt's system turn (an explore option's tool instructions). A record may
+    carry several images (`extra_images`); `images_per_row` [B*G] counts each row's images.
     """
     texts = [
         processor.apply_chat_template(prompt.messages(r, system=system), add_generation_prompt=True, tokenize=False)
         for r in records
     ]
+    images = [record_images(r) for r in records]
     enc = processor(
-        text=texts, images=[r["image"] for r in records], padding=True, padding_side="left", return_tensors="pt"
+        text=texts, images=[i for row in images for i in row], padding=True, padding_side="left", return_tensors="pt"
     )
     rows = {k: enc[k].repeat_interleave(repeat, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    patches = enc["image_grid_thw"].prod(-1).tolist()  # one image per prompt
-    per_image = torch.split(enc["pixel_values"], patches)
-    rows["pixel_values"] = torch.cat([p for p in per_image for _ in range(repeat)])  # [P*G, D]
-    rows["image_grid_thw"] = enc["image_grid_thw"].repeat_interleave(repeat, dim=0)  # [B*G, 3]
+    counts = torch.tensor([len(row) for row in images])
+    per_image = torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())
+    grids = torch.split(enc["image_grid_thw"], counts.tolist())
+    starts = [0, *counts.cumsum(0).tolist()]
+    rows["pixel_values"] = torch.cat(
+        [p for b in range(len(records)) for _ in range(repeat) for p in per_image[starts[b] : starts[b + 1]]]
+    )  # [P*G, D]
+    rows["image_grid_thw"] = torch.cat([g for g in grids for _ in range(repeat)])  # [I*G, 3]
+    rows["images_per_row"] = counts.repeat_interleave(repeat)  # [B*G]
     return rows
 
 
