@@ -21,6 +21,7 @@ from PIL import ImageDraw
 
 from medvr.algo import AlgoConfig
 from medvr.answer_stats import ANSWERS, answer_counts, letter_stats, top_answer
+from medvr.credit import entropy_credit, group_std, loss_mask, micro_weight, span_credit, span_mask
 from medvr.grpo import group_advantages, masked_mean, policy_loss
 from medvr.models.spec import ModelSpec
 from medvr.prompts import PromptBuilder
@@ -36,11 +37,6 @@ log = logging.getLogger(__name__)
 
 # dataset columns handed to reward functions (TRL passes every dataset column the same way)
 REWARD_COLUMNS = ("id", "question", "options", "answer", "answer_type", "modality", "bbox", "boxes")
-
-
-def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Std of each group's rewards (NaN = no reward counts as 0): [N] -> [B]."""
-    return rewards.nan_to_num(0.0).view(-1, group_size).std(dim=1)
 
 
 def _with_boxes(image, boxes: list) -> object:
@@ -124,8 +120,10 @@ class GRPOModule(L.LightningModule):
         totals, terms = self.reward.score(rollouts.completions, **columns)
         rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)  # [N]
         advantages = group_advantages(rewards, algo.group_size, scale=algo.scale_rewards, eps=algo.advantage_eps)
-        mask = self._loss_mask(rollouts, rewards)  # [N, L]
-        advantages = self._token_credit(rollouts, advantages, mask)  # [N] or [N, L]
+        mask = loss_mask(rollouts.loss_mask, rollouts.truncated, rewards, algo.group_size,
+                         algo.mask_truncated_completions, algo.dynamic_sampling)  # [N, L]
+        advantages, self._entropy_kept = entropy_credit(
+            advantages, rollouts.entropies, mask, algo.top_entropy_quantile)  # [N] or [N, L]
         advantages = self._span_credit(rollouts, advantages, terms)  # [N] or [N, L]
         self._reward_stats = self.reward.stats(terms, rollouts.completions, **columns)
 
@@ -149,7 +147,7 @@ class GRPOModule(L.LightningModule):
                     max_completion_length=self.explore.max_new_tokens,
                     num_items=mask.sum(),
                 )
-                share = self._micro_weight(mask, lo, hi)
+                share = micro_weight(mask, lo, hi, algo.loss_type)
                 self.manual_backward(loss * share / algo.grad_accum)
                 parts_sum["loss"] += loss.item() * share / algo.num_iterations
                 for k, v in parts.items():
@@ -210,46 +208,14 @@ class GRPOModule(L.LightningModule):
         return columns
 
     def _span_credit(self, rollouts: Rollouts, advantages: torch.Tensor, terms) -> torch.Tensor:
-        """CCA, credit=token: add each span term's group-normalised advantage on the zoom-action tokens only."""
+        """CCA, credit=token: each span term's advantage on the zoom-action tokens only (medvr/credit.py)."""
         if not self.reward.span_terms:
             return advantages
-        spans = torch.zeros_like(rollouts.loss_mask, dtype=torch.float32)  # [N, L]
-        for row, zooms in enumerate(rollouts.extras.get("zooms", [])):
-            for zoom in zooms:
-                spans[row, zoom.span[0] : zoom.span[1]] = 1.0
-        total = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(spans)  # [N, L]
-        for name in self.reward.span_terms:
-            values = torch.tensor([math.nan if v is None else v for v in terms[name]], device=spans.device)  # [N]
-            span_adv = group_advantages(
-                values, self.algo.group_size, scale=self.algo.scale_rewards, eps=self.algo.advantage_eps
-            )  # [N]
-            total = total + self.reward.weights[name] * span_adv.unsqueeze(1) * spans  # [N, L]
-        return total
-
-    def _loss_mask(self, rollouts: Rollouts, rewards: torch.Tensor) -> torch.Tensor:
-        """Policy tokens that enter the loss: minus truncated completions and uninformative groups, if asked."""
-        mask = rollouts.loss_mask.float()  # [N, L]
-        keep = torch.ones(len(rollouts), device=mask.device)  # [N]
-        if self.algo.mask_truncated_completions:
-            keep = keep * (~rollouts.truncated).float()
-        if self.algo.dynamic_sampling:  # DAPO: a group whose rewards are all equal has zero advantage
-            spread = _group_std(rewards, self.algo.group_size) > 1e-6  # [B]
-            keep = keep * spread.repeat_interleave(self.algo.group_size).float()
-        return mask * keep.unsqueeze(1)
-
-    def _token_credit(self, rollouts: Rollouts, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sequence advantages, or [N, L] ones zeroed below the entropy quantile (arXiv 2506.01939, as TRL)."""
-        rho = self.algo.top_entropy_quantile
-        if rho >= 1.0:
-            return advantages  # [N]
-        entropies = rollouts.entropies  # [N, L] sampling-time entropies of the same policy
-        active = entropies[mask.bool()]
-        if active.numel() == 0:
-            return advantages
-        threshold = torch.quantile(active.float(), 1.0 - rho)
-        high = (entropies >= threshold).float() * mask  # [N, L]
-        self._entropy_kept = float(high.sum() / mask.sum().clamp(min=1))
-        return advantages.unsqueeze(1) * high  # [N, L]
+        zooms = rollouts.extras.get("zooms", [])
+        spans = span_mask(tuple(rollouts.loss_mask.shape), [[z.span for z in row] for row in zooms], self.device)
+        algo = self.algo
+        return span_credit(advantages, spans, {n: terms[n] for n in self.reward.span_terms}, self.reward.weights,
+                           algo.group_size, algo.scale_rewards, algo.advantage_eps)
 
     @torch.no_grad()
     def _fixed_logps(self, rollouts: Rollouts):
@@ -270,24 +236,16 @@ class GRPOModule(L.LightningModule):
         ]
         return torch.cat(chunks)  # [N, L]
 
-    def _micro_weight(self, mask: torch.Tensor, lo: int, hi: int) -> float:
-        """Share of the full-batch loss a micro-batch's loss stands for, so the gradients add up exactly."""
-        if self.algo.loss_type == "bnpo":
-            return float(mask[lo:hi].sum() / mask.sum().clamp(min=1))
-        if self.algo.loss_type == "dapo":  # already divided by the whole batch's token count
-            return 1.0
-        return (hi - lo) / mask.shape[0]
-
     def _log_train(self, rollouts: Rollouts, rewards, terms, parts: dict[str, float], stepped: bool) -> None:
         g = self.algo.group_size
         finite = rewards.nan_to_num(0.0)
-        group_std = _group_std(rewards, g)  # [B]
+        spread = group_std(rewards, g)  # [B]
         policy_mask = rollouts.loss_mask.float()
         metrics = {
             "train/loss": parts["loss"],
             "train/reward": finite.mean().item(),
-            "train/reward_std": group_std.mean().item(),
-            "train/frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+            "train/reward_std": spread.mean().item(),
+            "train/frac_reward_zero_std": (spread < 1e-6).float().mean().item(),
             "train/kl": parts["kl"],
             "train/clip_ratio/low": parts["clip_ratio/low"],
             "train/clip_ratio/high": parts["clip_ratio/high"],

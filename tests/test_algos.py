@@ -5,9 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
 from hydra.utils import instantiate
 
-from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
+from medvr.credit import entropy_credit, loss_mask, micro_weight
 from medvr.module import GRPOModule
 from medvr.rollout.batch import Rollouts
 
@@ -66,31 +67,32 @@ def _fake_rollouts(entropies: torch.Tensor, truncated: list[bool]) -> Rollouts:
     )
 
 
-class _Stub:
-    """Just the attributes GRPOModule._loss_mask / _token_credit read."""
-
-    def __init__(self, **algo):
-        defaults = dict(group_size=2, mask_truncated_completions=False, dynamic_sampling=False, top_entropy_quantile=1.0)
-        self.algo = type("Algo", (), {**defaults, **algo})()
-        self._entropy_kept = 1.0
-
-
 def test_dynamic_sampling_and_truncation_masks():
     rollouts = _fake_rollouts(torch.rand(6, 3), truncated=[False, True, False, False, False, False])
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, float("nan")])  # group 1 has equal rewards
-    stub = _Stub(dynamic_sampling=True, mask_truncated_completions=True)
-    mask = GRPOModule._loss_mask(stub, rollouts, rewards)
+    mask = loss_mask(rollouts.loss_mask, rollouts.truncated, rewards, 2, mask_truncated=True, dynamic_sampling=True)
     assert mask.sum(1).tolist() == [3, 0, 0, 0, 3, 3]
+    kept = loss_mask(rollouts.loss_mask, rollouts.truncated, rewards, 2, mask_truncated=False, dynamic_sampling=False)
+    assert kept.sum().item() == 18
 
 
 def test_top_entropy_quantile_zeroes_advantages_of_low_entropy_tokens():
     entropies = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.8, 0.3, 0.7, 0.4]])
-    rollouts = _fake_rollouts(entropies, truncated=[False, False])
-    stub = _Stub(top_entropy_quantile=0.25)
-    credit = GRPOModule._token_credit(stub, rollouts, torch.tensor([2.0, -1.0]), rollouts.loss_mask.float())
+    mask = torch.ones(2, 4)
+    credit, kept = entropy_credit(torch.tensor([2.0, -1.0]), entropies, mask, rho=0.25)
     # the top 25% of 8 tokens by entropy: 0.9 and 0.8
     assert credit.tolist() == [[0.0, 2.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
-    assert stub._entropy_kept == 0.25
+    assert kept == 0.25
+    assert entropy_credit(torch.tensor([2.0, -1.0]), entropies, mask, rho=1.0)[0].tolist() == [2.0, -1.0]
+
+
+def test_micro_batch_weights_add_up_to_the_full_batch():
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        shares = [micro_weight(mask, lo, lo + 2, loss_type) for lo in (0, 2)]
+        assert sum(shares) == pytest.approx(1.0)
+    assert [micro_weight(mask, lo, lo + 2, "bnpo") for lo in (0, 2)] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert micro_weight(mask, 0, 2, "dapo") == 1.0  # each micro-batch loss is already over the batch's tokens
 
 
 @pytest.mark.slow

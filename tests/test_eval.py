@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -30,7 +31,7 @@ def _only_run(cfg, experiment: str):
 
 
 def _artifact_csv(client, run_id: str, path: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(open(client.download_artifacts(run_id, path)).read())))
+    return list(csv.DictReader(io.StringIO(Path(client.download_artifacts(run_id, path)).read_text())))
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_two_sets_give_one_run_with_metrics_table_and_predictions(tmp_path, cach
     assert "eval/synthetic/f1" not in found.data.metrics  # choice questions only
     table = _artifact_csv(client, found.info.run_id, "eval_table.csv")
     assert [(r["set"], r["modality"]) for r in table if r["modality"] == "all"] == [("synthetic", "all"), ("vqa_rad", "all")]
-    assert "| vqa_rad | test | all | 7 |" in open(client.download_artifacts(found.info.run_id, "eval_table.md")).read()
+    assert "| vqa_rad | test | all | 7 |" in Path(client.download_artifacts(found.info.run_id, "eval_table.md")).read_text()
     assert results["eval/vqa_rad/n"] == 7
 
 
