@@ -41,6 +41,13 @@ class AlgoConfig:
     # consecutive skipped (non-finite) updates after which the run stops with a diagnosis
     max_nonfinite_steps: int
 
+    @property
+    def module_class(self) -> type:
+        """The LightningModule that trains with these settings (medvr.train builds it)."""
+        from medvr.module import GRPOModule  # deferred: medvr.module imports this file
+
+        return GRPOModule
+
     def __post_init__(self):
         checks = {
             "algo.loss_type": (self.loss_type, LOSS_TYPES),

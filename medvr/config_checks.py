@@ -151,6 +151,9 @@ RULES: dict[str, Rule] = {
     "algo.top_entropy_quantile": FRACTION,
     "algo.dynamic_sampling": boolean(),
     "algo.max_nonfinite_steps": POSITIVE_INT,
+    # algo=sft
+    "algo.target": matches(r"(?s).*\{answer\}.*", "a string holding {answer}"),
+    "algo.end_of_turn": matches(r"\S+", "one token, such as <|im_end|>"),
     # explore
     "explore.max_new_tokens": POSITIVE_INT,
     "explore.max_turns": COUNT,

@@ -4,7 +4,8 @@ Order matters: the MLflow run is opened first (cheap), so a job that fails for a
 recorded as FAILED with its traceback; then the config is checked, every group instantiated and
 the checkpoint located before the data is read, and the data is validated before the model is
 loaded, so bad input fails before any expensive work. The run ends exactly once: FINISHED when
-fit and test are done, FAILED on an exception, KILLED on SIGINT/SIGTERM (exit code 130/143).
+fit and test are done, FAILED on an exception, KILLED on SIGINT/SIGTERM (exit code 130/143) or when an
+Optuna pruner stops the trial (tag optuna_state=PRUNED; medvr/tracking/pruning.py).
 `ckpt_path=<run dir>/checkpoints/last.ckpt` (or `last`) continues a run where it stopped, in the
 same MLflow run.
 """
@@ -21,10 +22,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from optuna import TrialPruned
 
 from medvr import resume as resuming
 from medvr.config_checks import check_config
-from medvr.module import GRPOModule
 from medvr.signals import GracefulStop, Interrupted
 from medvr.tracking.run import (
     describe,
@@ -81,7 +82,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             datamodule = instantiate(cfg.data)
             datamodule.setup("fit")
             parts["reward"].check_data(datamodule.splits, datamodule.source.name)
-            module = GRPOModule(model=spec, collapse_share=cfg.collapse_share, **parts)
+            module = parts["algo"].module_class(model=spec, collapse_share=cfg.collapse_share, **parts)
             callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
             callbacks += [resuming.ResumeState(logger.run_id, settings), stop]
             trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
@@ -97,6 +98,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             print(progress_summary(logger), flush=True)
             logger.end("FINISHED")
         except BaseException as exc:
+            if isinstance(exc, TrialPruned):  # the pruning callback tagged the run; the sweeper tells the study
+                _record(logger, cfg, lambda lg: lg.end("KILLED"))
+                raise
             signum = exc.signum if isinstance(exc, Interrupted) else stop.signum
             if signum is None:  # an error: FAILED, with the traceback
                 _record(logger, cfg, lambda lg: record_failure(lg, exc))

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from medvr.report import CONFIG_ARTIFACT
+from medvr.tracking.study import TRIAL_ENV
 
 # config groups whose chosen option becomes an MLflow tag (filterable in the UI)
 TAG_GROUPS = ("reward", "explore", "model", "data", "algo", "prompt", "experiment")
@@ -138,12 +139,15 @@ def note_experiment(client: MlflowClient, experiment_id: str, description: str |
 def make_logger(cfg: DictConfig, choices: dict[str, str | None], swept: list[str], run_id: str | None = None) -> RunLogger:
     """The run's logger, its MLflow run created (or, resuming, reopened as RUNNING) before it returns.
 
-    In a multirun the run is a child of the sweep's parent run (PARENT_ENV, set by medvr.tracking.sweep).
+    In a multirun the run is a child of the sweep's parent run (PARENT_ENV, set by medvr.tracking.sweep);
+    an Optuna trial's run is tagged with its trial number.
     """
     tags = {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) is not None}
     tags["seed"] = str(cfg.seed)
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    if os.environ.get(TRIAL_ENV):  # a trial of an Optuna study (hydra_plugins/medvr_optuna_sweeper)
+        tags["optuna_trial"] = os.environ[TRIAL_ENV]
     overrides = {"tags": tags, "run_name": run_name(cfg, choices, swept), "run_id": run_id}
     overrides["artifact_location"] = artifact_location(cfg)
     with store_lock(cfg.logger.tracking_uri):

@@ -3,11 +3,13 @@
 `SweepRun` is a Hydra callback (conf/hydra/default.yaml). At the sweep's start it opens the parent run,
 named after the sweep directory and the swept keys, tagged `sweep=true` with the command line, and
 exports its id as MEDVR_PARENT_RUN_ID: every job's `make_logger` (same process, or a launcher's worker
-started after it) tags its run `mlflow.parentRunId`. At the end it logs the ablation report of the
-FINISHED children (Markdown, CSV, the final-metric and curve plots) and `failed_jobs.md`, and ends the
-parent: FINISHED, FAILED when no job finished, KILLED when a job was interrupted. Hydra skips
-`on_multirun_end` when a job failed (the sweeper re-raises the job's error), so the same ending is
-also registered with `atexit`; it runs once, whichever comes first, and never raises.
+started after it) tags its run `mlflow.parentRunId`. `on_job_start` sets it again inside the job, for a
+launcher whose jobs do not inherit the environment (submitit on a cluster that does not export it).
+At the end it logs the ablation report of the FINISHED children (Markdown, CSV, the final-metric and
+curve plots) and `failed_jobs.md`, and ends the parent: FINISHED, FAILED when no job finished, KILLED
+when a job was interrupted. Hydra skips `on_multirun_end` when a job failed (the sweeper re-raises the
+job's error), so the same ending is also registered with `atexit`; it runs once, whichever comes first,
+and never raises.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def sweep_name(sweep_dir: str, swept: list[str]) -> str:
 
 
 def sweep_status(statuses: list[str]) -> str:
-    """The parent's status from its children's: KILLED if one was interrupted, FAILED if none finished."""
+    """The parent's status from its children's: KILLED if one was interrupted, FAILED if none finished or was pruned."""
     if "KILLED" in statuses:
         return "KILLED"
-    return "FINISHED" if "FINISHED" in statuses else "FAILED"
+    return "FINISHED" if {"FINISHED", "PRUNED"} & set(statuses) else "FAILED"
+
+
+def job_status(run) -> str:
+    """A child's status; PRUNED for an Optuna trial its pruner stopped (KILLED in MLflow, medvr/tracking/pruning.py)."""
+    return "PRUNED" if run.data.tags.get("optuna_state") == "PRUNED" else run.info.status
 
 
 def failed_jobs(children) -> str:
@@ -85,6 +92,12 @@ class SweepRun(Callback):
         atexit.register(self.end)
         print(f"medvr: sweep parent run {self.run_id} (experiment '{self.experiment}')", flush=True)
 
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        # a launcher that runs jobs elsewhere (submitit: a SLURM node) pickles this callback with them;
+        # its run id reaches the job even where the scheduler does not pass on the environment
+        if self.run_id is not None:
+            os.environ[PARENT_ENV] = self.run_id
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.end()
 
@@ -101,7 +114,7 @@ class SweepRun(Callback):
             experiment_id = client.get_run(run_id).info.experiment_id
             query = f"tags.`mlflow.parentRunId` = '{run_id}'"
             children = client.search_runs([experiment_id], query, max_results=50_000)
-            statuses = [r.info.status for r in children]
+            statuses = [job_status(r) for r in children]
             client.set_tag(run_id, "jobs", f"{statuses.count('FINISHED')}/{len(statuses)} finished")
             if len(children) > statuses.count("FINISHED"):
                 client.log_text(run_id, failed_jobs(children), "failed_jobs.md")
