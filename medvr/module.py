@@ -22,6 +22,7 @@ from PIL import ImageDraw
 from medvr.algo import AlgoConfig
 from medvr.answer_stats import ANSWERS, answer_counts, letter_stats, top_answer
 from medvr.credit import entropy_credit, group_std, loss_mask, micro_weight, span_credit, span_mask
+from medvr.distributed import mean_over_ranks, rank_weight, union_over_ranks
 from medvr.grpo import group_advantages, masked_mean, policy_loss
 from medvr.models.spec import ModelSpec
 from medvr.prompts import PromptBuilder
@@ -128,6 +129,9 @@ class GRPOModule(L.LightningModule):
         self._reward_stats = self.reward.stats(terms, rollouts.completions, **columns)
 
         old, ref = self._fixed_logps(rollouts)
+        # under DDP, this rank's rows' part of the loss over every rank's rows (medvr/distributed.py)
+        reduce_sum = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        on_rank = rank_weight(mask, algo.loss_type, self.trainer.world_size, reduce_sum)
         opt = self.optimizers()
         parts_sum: dict[str, float] = defaultdict(float)
         for _ in range(algo.num_iterations):
@@ -147,7 +151,7 @@ class GRPOModule(L.LightningModule):
                     max_completion_length=self.explore.max_new_tokens,
                     num_items=mask.sum(),
                 )
-                share = micro_weight(mask, lo, hi, algo.loss_type)
+                share = micro_weight(mask, lo, hi, algo.loss_type) * on_rank
                 self.manual_backward(loss * share / algo.grad_accum)
                 parts_sum["loss"] += loss.item() * share / algo.num_iterations
                 for k, v in parts.items():
@@ -274,7 +278,7 @@ class GRPOModule(L.LightningModule):
         if stepped:  # one point per optimiser step: the mean over its accumulation window
             keys = {k for m in self._window for k in m}
             mean = {k: sum(m[k] for m in self._window if k in m) / sum(k in m for m in self._window) for k in keys}
-            self._log_at_step(mean)
+            self._log_at_step(mean_over_ranks(mean))
             self._window.clear()
 
     def _log_at_step(self, metrics: dict[str, float]) -> None:
@@ -327,7 +331,7 @@ class GRPOModule(L.LightningModule):
                 self._answers[1, ANSWERS.index(record["answer"])] += 1
 
     def _log_eval(self, split: str) -> None:
-        names, sums = self._eval.table()
+        names, sums = self._eval.table(union_over_ranks(sorted(self._eval.sums)))  # same rows on every rank
         sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
         answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()  # [2, A]
         metrics = eval_metrics(names, sums, split)

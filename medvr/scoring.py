@@ -85,9 +85,10 @@ class Tally:
         for name in groups_of(record):
             self.sums[name] += torch.tensor(row, dtype=torch.float64)
 
-    def table(self) -> tuple[list[str], torch.Tensor]:
-        """Group names (sorted) and their sums [M, len(COLUMNS)], e.g. to reduce over ranks."""
-        names = sorted(self.sums)
+    def table(self, names: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """Group names (sorted; or `names`, zeros for unseen ones) and their sums [M, len(COLUMNS)], e.g. to
+        reduce over ranks."""
+        names = sorted(self.sums) if names is None else names
         return names, torch.stack([self.sums[n] for n in names]) if names else torch.zeros(0, len(COLUMNS))
 
     def clear(self) -> None:

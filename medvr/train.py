@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 from optuna import TrialPruned
 
@@ -95,7 +96,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if cfg.test_after_training:
                 trainer.test(module, datamodule=datamodule, verbose=False)
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
-            print(progress_summary(logger), flush=True)
+            if rank_zero_only.rank == 0:  # the other DDP ranks hold no MLflow run
+                print(progress_summary(logger), flush=True)
             logger.end("FINISHED")
         except BaseException as exc:
             if isinstance(exc, TrialPruned):  # the pruning callback tagged the run; the sweeper tells the study
@@ -120,7 +122,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    print(describe(logger), flush=True)
+    if rank_zero_only.rank == 0:
+        print(describe(logger), flush=True)
     return metrics
 
 

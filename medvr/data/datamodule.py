@@ -167,7 +167,7 @@ class VQADataModule(LightningDataModule):
             )
         return _Records(self.splits[split], f"{self.source.name}/{split}")
 
-    def _loader(self, split: str, batch_size: int, sampler: EpochShuffle | None = None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: EpochShuffle | list[int] | None = None) -> DataLoader:
         return DataLoader(
             self._split(split),
             batch_size=batch_size,
@@ -182,17 +182,30 @@ class VQADataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Same seed, same order of prompts: runs of an ablation grid see identical batches, and a
         # resumed run continues the epoch after the batches its checkpoint had trained on.
-        sampler = EpochShuffle(len(self._split("train")), self.seed)
+        # Under DDP each rank takes its own share of every global batch (medvr/data/sampler.py).
+        rank, world = self._rank()
+        sampler = EpochShuffle(len(self._split("train")), self.seed, rank, world)
         if self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.start(self.trainer.current_epoch, done * self.batch_size)
+            sampler.start(self.trainer.current_epoch, done * self.batch_size * world)
         return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
+        return self._loader("val", self.eval_batch_size, self._eval_shard("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader("test", self.eval_batch_size, self._eval_shard("test"))
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) outside a distributed trainer."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _eval_shard(self, split: str) -> list[int] | None:
+        """Rows rank, rank + world, ... of an eval split: every row scored exactly once over all ranks (no padding)."""
+        rank, world = self._rank()
+        return None if world == 1 else list(range(rank, len(self._split(split)), world))
 
     def modalities(self) -> list[str]:
         """Sorted modality names of the val split (the per-modality metrics to report)."""

@@ -16,6 +16,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 
 def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
+    """The run's MLflow logger; None on DDP ranks > 0, which hold no run."""
+    if not trainer.is_global_zero:
+        return None
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 

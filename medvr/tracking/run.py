@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -152,11 +153,13 @@ def make_logger(cfg: DictConfig, choices: dict[str, str | None], swept: list[str
     overrides["artifact_location"] = artifact_location(cfg)
     with store_lock(cfg.logger.tracking_uri):
         logger = instantiate(cfg.logger, **overrides)
+        logger.params = run_params(cfg, choices, swept)
+        if rank_zero_only.rank != 0:  # a DDP rank > 0 (relaunched by Lightning): only rank 0 logs, it opens no run
+            return logger
         client = logger.experiment  # creates the store, the experiment and the run
         note_experiment(client, logger.experiment_id, logger.description)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
-    logger.params = run_params(cfg, choices, swept)
     return logger
 
 

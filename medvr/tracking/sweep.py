@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
@@ -69,6 +70,8 @@ class SweepRun(Callback):
         self.uri = self.experiment = self.sweep_dir = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if rank_zero_only.rank != 0:  # a DDP rank that Lightning relaunched with the sweep's command line
+            return
         self.uri, self.experiment = config.logger.tracking_uri, config.logger.experiment_name
         self.sweep_dir = str(config.hydra.sweep.dir)
         params = config.hydra.sweeper.get("params")
