@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from medvr.models.spec import ModelSpec
 from medvr.prompts import PromptBuilder
 
@@ -63,8 +65,11 @@ class TinyQwen2VL(ModelSpec):
         self.build_dir = self.cache_dir / f"tiny-qwen2vl-{key}"
 
     def check(self) -> str:
-        if not self.is_valid(self.build_dir):
-            self.build()
+        # jobs started together (a launcher's array on a fresh cache) build it once; the others wait for it
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.build_dir}.lock"):
+            if not self.is_valid(self.build_dir):
+                self.build()
         return str(self.build_dir)
 
     @staticmethod

@@ -1,0 +1,91 @@
+"""Grids through submitit: the sbatch script of hydra/launcher=medvr_slurm, and `-m hydra/launcher=submitit_local`
+running each grid point as a job in its own process, the jobs children of one parent run."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+from hydra.utils import instantiate
+
+from conftest import compose_cfg
+from test_multirun import _sweep
+
+# submitit's local executor: what hydra/launcher=submitit_slurm does on a cluster, minus sbatch; the time
+# limit also ends the job processes if the test's own timeout kills the launching process first
+LOCAL = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+
+
+def _parent_and_children(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    parents = [r for r in found if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1, [r.info.run_name for r in found]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(found) == len(children) + 1, "every job must be a child of the sweep's parent run"
+    return client, parents[0], children
+
+
+def test_medvr_slurm_submits_one_array_of_one_gpu_jobs(tmp_path, monkeypatch):
+    """The sbatch script that hydra/launcher=medvr_slurm submits, caught by a stand-in `sbatch` that refuses it."""
+    bin_dir, script = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {script}\necho "sbatch: refused by the test" >&2\nexit 1\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = compose_cfg(["hydra/launcher=medvr_slurm", "hydra.launcher.partition=gpu"], tmp_path, tmp_path / "cache")
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    with pytest.raises(Exception, match="refused by the test"):
+        launcher.launch([["reward=accuracy"], ["reward=r1"]], initial_job_idx=0)
+    flags = {line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")}
+    assert {"--array=0-1%2", "--partition=gpu", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8",
+            "--mem=64GB", "--time=1440", "--signal=TERM@300"} <= flags
+    (output,) = [f for f in flags if f.startswith("--output=")]  # the job logs, under the sweep dir
+    assert output.startswith(f"--output={tmp_path}/multiruns/") and output.endswith("/.submitit/%A_%a/%A_%a_0_log.out")
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_grid_as_children_of_one_parent(tmp_path, cache_dir, tiny):
+    # `tiny` builds the model into cache_dir first: the jobs' time goes to training, not to that build
+    out = _sweep(tmp_path, cache_dir, *LOCAL, "reward=accuracy,r1")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    client, parent, children = _parent_and_children(tmp_path)
+    assert sorted(r.data.tags["reward"] for r in children) == ["accuracy", "r1"]
+    assert all(r.info.status == "FINISHED" and "val/acc" in r.data.metrics for r in children)
+    assert {r.info.run_name.split("-")[0] for r in children} == {"accuracy", "r1"}
+
+    # each job ran under submitit, in its own folder under the sweep dir, with its own logs
+    (sweep_dir,) = (tmp_path / "multiruns").glob("*/*")
+    logs = {p.parent.name: p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.out")}
+    assert len(logs) == 2, sorted(p.name for p in sweep_dir.glob(".submitit/*/*"))
+    for run in children:  # the job prints its MLflow run id last
+        assert sum(f"MLflow run {run.info.run_id}" in text for text in logs.values()) == 1
+    assert all(next(sweep_dir.glob(f".submitit/{job}/*_result.pkl"), None) for job in logs)
+    assert sorted(p.name for p in sweep_dir.glob("[0-9]")) == ["0", "1"]  # Hydra's job dirs
+
+    # the sweep's end ran in the launching process: report on the parent, which is FINISHED
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2/2 finished"
+    report = client.download_artifacts(parent.info.run_id, "report/ablation.md", str(tmp_path / "got"))
+    table = open(report).read()
+    assert "accuracy" in table and "r1" in table
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/ablation.csv", "report/curves_val_acc.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_submitit_local_records_failed_jobs(tmp_path, cache_dir):
+    # an invalid algo.loss_type fails each job right after its run is opened, before the model loads
+    out = _sweep(tmp_path, cache_dir, *LOCAL, "algo.loss_type=ppo", "reward=accuracy,r1")
+    assert out.returncode != 0, "a sweep whose jobs failed must exit non-zero"
+
+    client, parent, children = _parent_and_children(tmp_path)
+    assert sorted(r.data.tags["reward"] for r in children) == ["accuracy", "r1"]
+    assert all(r.info.status == "FAILED" and "loss_type" in r.data.tags["error"] for r in children)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["jobs"] == "0/2 finished"
+    listed = open(client.download_artifacts(parent.info.run_id, "failed_jobs.md", str(tmp_path / "got"))).read()
+    assert all(f"`{r.info.run_name}` FAILED" in listed for r in children)
