@@ -181,21 +181,20 @@ def _evaluate_set(name: str, datamodule, split: str, policy, processor, prompt, 
 def table_rows(name: str, split: str, tally: Tally, source, trained_on) -> list[dict]:
     """One row for the whole set, then one per modality, with its distribution label."""
     names, sums = tally.table()
+    labels = {g: distribution(source, g.partition("/")[2], trained_on) for g in names if g.startswith("modality/")}
+    kinds = set(labels.values())
+    labels["all"] = kinds.pop() if len(kinds) == 1 else "mixed"
     out = []
     for group, row in zip(names, sums.tolist()):
-        kind, _, value = group.partition("/")
-        if group != "all" and kind != "modality":
+        if group not in labels:  # question-type and answer-type groups are metrics, not table rows
             continue
         values = dict(zip(COLUMNS, row))
-        modality = value if kind == "modality" else None
-        labels = {distribution(source, m.partition("/")[2], trained_on) for m in names if m.startswith("modality/")}
-        dist = distribution(source, modality, trained_on) if modality else (labels.pop() if len(labels) == 1 else "mixed")
         out.append({
-            "set": name, "split": split, "modality": modality or "all", "n": int(values["n"]),
+            "set": name, "split": split, "modality": group.partition("/")[2] or "all", "n": int(values["n"]),
             "acc": values["correct"] / values["n"], "format": values["format"] / values["n"],
             "f1": values["f1"] / values["n_open"] if values["n_open"] else None,
             "recall": values["recall"] / values["n_open"] if values["n_open"] else None,
-            "distribution": dist,
+            "distribution": labels[group],
         })
     return out
 
