@@ -36,7 +36,12 @@ def _check_logps(model, processor, rollouts, tol=1e-4):
 
 def test_random_crop_trajectories_have_two_images_masks_and_exact_logps(tiny, records, tmp_path, cache_dir):
     model, processor, prompt = tiny
-    explore = _explore("random_crop", ["explore.trigger.rate=1.0", "explore.trigger.min_tokens=2"], tmp_path, cache_dir)
+    explore = _explore(
+        "random_crop",
+        ["explore.trigger.rate=1.0", "explore.trigger.min_tokens=2", "explore.trigger.span=1", "explore.max_turns=1"],
+        tmp_path,
+        cache_dir,
+    )
     torch.manual_seed(0)
     ro = explore.rollout(model, processor, prompt, records, group_size=4, temperature=1.0)
     assert len(ro) == 12 and ro.images_per_row.tolist() == [2] * 12
@@ -118,7 +123,7 @@ def test_budgets_and_turn_limit(tiny, records, tmp_path, cache_dir):
     assert ro.truncated.all()  # nobody answers in 6 tokens
     # no room for any observation: the trajectory is cut, its crop never enters the batch
     tight = _explore(
-        "random_crop", ["explore.trigger.rate=1.0", "explore.max_total_tokens=8"], tmp_path, cache_dir
+        "random_crop", ["explore.trigger.rate=1.0", "explore.trigger.span=1", "explore.max_total_tokens=8"], tmp_path, cache_dir
     )
     ro = tight.rollout(model, processor, prompt, records, group_size=2, temperature=1.0)
     assert ro.images_per_row.tolist() == [1] * 6 and ro.truncated.all()
@@ -135,7 +140,7 @@ def test_budgets_and_turn_limit(tiny, records, tmp_path, cache_dir):
 
 def test_greedy_eval_never_triggers_unless_asked(tiny, records, tmp_path, cache_dir):
     model, processor, prompt = tiny
-    overrides = ["explore.trigger.rate=1.0"]
+    overrides = ["explore.trigger.rate=1.0", "explore.trigger.span=1"]
     explore = _explore("random_crop", overrides, tmp_path, cache_dir)
     ro = explore.rollout(model, processor, prompt, records, group_size=1, temperature=1.0, greedy=True)
     assert explore.stats(ro)["trigger_rate"] == 0.0

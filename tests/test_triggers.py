@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from medvr.explore.triggers import EntropyTrigger, RandomTrigger, first_over
+from medvr.explore.triggers import EntropyTrigger, RandomTrigger, first_over, window_open
+from medvr.rollout.sampling import Noise
 
 V = 1024  # log 64 / log 1024 = 0.6 exactly, log 32 / log 1024 = 0.5, log 128 / log 1024 = 0.7
 
@@ -35,8 +36,10 @@ def entropy_trigger(mode="absolute", threshold=1.0, min_tokens=0, max_triggers=1
     )
 
 
-def random_trigger(rate=0.5, min_frac=0.2, max_frac=0.6) -> RandomTrigger:
-    return RandomTrigger(rate=rate, min_tokens=0, max_triggers=1, min_frac=min_frac, max_frac=max_frac, branch=False)
+def random_trigger(rate=0.5, min_frac=0.2, max_frac=0.6, span=16) -> RandomTrigger:
+    return RandomTrigger(
+        rate=rate, min_tokens=0, max_triggers=1, min_frac=min_frac, max_frac=max_frac, branch=False, span=span
+    )
 
 
 def test_hand_made_entropies():
@@ -95,7 +98,9 @@ def test_entropy_absolute_threshold_in_nats():
 def test_entropy_normalized_threshold_is_a_fraction_of_log_vocab():
     h = rows_of([peaked(), spread(2), spread(64), spread(V)], [spread(64), peaked(), peaked(), peaked()])
     allowed = torch.ones_like(h, dtype=torch.bool)
-    assert entropy_trigger("normalized", 0.5).threshold_for(h, allowed, V) == pytest.approx(0.5 * math.log(V))
+    assert entropy_trigger("normalized", 0.5).watch(torch.arange(2), Noise(2, 1), V).threshold() == pytest.approx(
+        0.5 * math.log(V)
+    )
     # position 2 has 0.6 log V: it fires at 0.5, not at 0.7
     assert entropy_trigger("normalized", 0.5).positions(h, allowed, V).tolist() == [2, 0]
     assert entropy_trigger("normalized", 0.7).positions(h, allowed, V).tolist() == [3, -1]
@@ -103,7 +108,8 @@ def test_entropy_normalized_threshold_is_a_fraction_of_log_vocab():
     assert entropy_trigger("normalized", 0.5).positions(h, allowed, 2**13).tolist() == [3, -1]
 
 
-def test_entropy_quantile_uses_allowed_positions_only():
+def test_entropy_quantile_is_over_the_allowed_entropies_seen_so_far():
+    """Causal: the threshold at step t is the quantile of the batch's allowed entropies at steps <= t."""
     h = torch.tensor(
         [
             [9.0, 9.0, 1.0, 2.0, 3.0],
@@ -112,27 +118,36 @@ def test_entropy_quantile_uses_allowed_positions_only():
     )
     allowed = torch.ones_like(h, dtype=torch.bool)
     allowed[:, :2] = False  # min_tokens = 2: the high entropies of the first tokens must not count
-    trigger = entropy_trigger("quantile", 0.5)
-    # allowed entropies {1, 2, 3, 4, 5, 0.5}: median 2.5; with the masked 9s it would be 4.5
-    assert trigger.threshold_for(h, allowed, V) == pytest.approx(2.5)
-    assert trigger.positions(h, allowed, V).tolist() == [4, 2]
-    assert first_over(h, allowed, float(torch.quantile(h.flatten(), 0.5))).tolist() == [-1, 3]  # the wrong answer
-    # the quantile is over the batch: a row of low entropies never fires at a high quantile
-    assert entropy_trigger("quantile", 0.9).threshold_for(h, allowed, V) == pytest.approx(4.5)
-    assert entropy_trigger("quantile", 0.9).positions(h, allowed, V).tolist() == [-1, 3]
+    # step 2 sees {1, 4}: median 2.5, row 1 fires (4 >= 2.5); step 3 sees {1, 4, 2} (row 1 is cut): median 2,
+    # row 0 fires (2 >= 2). With the masked 9s counted, the median at step 2 would be 6.5 and nothing would fire.
+    assert entropy_trigger("quantile", 0.5).positions(h, allowed, V).tolist() == [3, 2]
+    # a high quantile: step 2 {1, 4} -> 3.7, row 1 fires; then {1, 4, 2} -> 3.6, {1, 4, 2, 3} -> 3.7: row 0 never
+    assert entropy_trigger("quantile", 0.9).positions(h, allowed, V).tolist() == [-1, 2]
 
 
-def test_entropy_quantile_on_logits():
-    h = rows_of(
-        [spread(V), spread(2), spread(4), spread(8), spread(16)],
-        [spread(V), spread(V), peaked(), spread(32), spread(1)],
-    )
+def test_entropy_quantile_watch_steps_match_the_replay():
+    torch.manual_seed(0)
+    h = torch.rand(6, 12) * 3
+    allowed = torch.rand(6, 12) > 0.3
+    trigger = entropy_trigger("quantile", 0.8)
+    cut = trigger.positions(h, allowed, V)
+    watch = trigger.watch(torch.arange(6), Noise(6, 1), V)
+    expected = torch.full((6,), -1)
+    for t in range(12):  # the decoder's view: one step at a time, cut rows leave
+        live = (expected < 0).nonzero().squeeze(1)
+        fire = watch.step(live, h[live, t], allowed[live, t])
+        expected[live[fire]] = t
+        seen = torch.cat(watch.seen)
+        assert (seen <= 3).all() and len(seen) == int(sum(allowed[(cut < 0) | (cut >= s), s].sum() for s in range(t + 1)))
+    assert torch.equal(cut, expected)
+    assert ((cut >= 0) & ~allowed[torch.arange(6), cut.clamp(min=0)]).sum() == 0  # only where allowed
+
+
+def test_entropy_ties_at_the_threshold_fire_whatever_the_float_noise():
+    """The G copies of a prompt have equal entropies up to 1e-6 noise: all of them reach a threshold equal to it."""
+    h = torch.tensor([[2.0], [2.0 - 1e-6], [2.0 + 1e-6], [1.9]])
     allowed = torch.ones_like(h, dtype=torch.bool)
-    allowed[:, 0] = False
-    allowed[1, 1] = False
-    # allowed: log 2, log 4, log 8, log 16 | 0, log 32, 0 -> median log 4
-    assert entropy_trigger("quantile", 0.5).threshold_for(h, allowed, V) == pytest.approx(math.log(4), abs=1e-5)
-    assert entropy_trigger("quantile", 0.5).positions(h, allowed, V).tolist() == [2, 3]
+    assert entropy_trigger("absolute", 2.0).positions(h, allowed, V).tolist() == [0, 0, 0, -1]
 
 
 @pytest.mark.parametrize(("mode", "threshold"), [("absolute", 0.0), ("normalized", 0.1), ("quantile", 0.5)])
@@ -167,7 +182,7 @@ def test_entropy_absolute_threshold_is_not_a_fraction():
 # ---- RandomTrigger ------------------------------------------------------------------------------
 
 N, L = 20000, 16
-ALLOWED_POSITIONS = [2, 3, 7, 8, 9, 14]  # holes: uniform over the allowed positions, not over a span
+ALLOWED_POSITIONS = [2, 3, 7, 8, 9, 14]  # holes: the k-th allowed step, not the k-th step
 
 
 def random_mask() -> torch.Tensor:
@@ -179,9 +194,10 @@ def random_mask() -> torch.Tensor:
 
 
 def test_random_fire_rate_and_uniform_positions():
+    """span = the row's allowed steps: fires with probability `rate`, uniformly over the allowed steps."""
     torch.manual_seed(0)
     allowed, rate = random_mask(), 0.3
-    pos = random_trigger(rate).positions(torch.zeros(N, L), allowed, V)  # [N]
+    pos = random_trigger(rate, span=len(ALLOWED_POSITIONS)).positions(torch.zeros(N, L), allowed, V)  # [N]
     assert pos.shape == (N,)
     has = allowed.any(dim=1)
     fired = pos >= 0
@@ -196,18 +212,19 @@ def test_random_fire_rate_and_uniform_positions():
     assert (counts / counts.sum() - 1 / len(ALLOWED_POSITIONS)).abs().max() < 0.02
 
 
-def test_random_positions_per_row_masks():
-    """Rows with different masks: each row picks uniformly among its own allowed positions."""
+def test_random_rows_whose_window_closes_before_their_step_do_not_fire():
+    """Causal: a row drawn to fire at its 8th allowed step never fires if it allows only 4."""
     torch.manual_seed(1)
     allowed = torch.zeros(N, L, dtype=torch.bool)
-    allowed[0::2, 10:] = True  # 6 positions, as after min_tokens = 10
-    allowed[1::2, 0:4] = True  # 4 positions, as when the reasoning ends at token 4
-    pos = random_trigger(1.0).positions(torch.zeros(N, L), allowed, V)
+    allowed[0::2, 8:] = True  # 8 allowed steps, as after min_tokens = 8
+    allowed[1::2, 0:4] = True  # 4 allowed steps, as when the reasoning ends at token 4
+    pos = random_trigger(1.0, span=8).positions(torch.zeros(N, L), allowed, V)
     even, odd = pos[0::2], pos[1::2]
-    assert ((even >= 10) & (even < 16)).all() and ((odd >= 0) & (odd < 4)).all()
-    for part, lo, k in [(even, 10, 6), (odd, 0, 4)]:
-        freq = torch.bincount(part - lo, minlength=k).float() / part.numel()
-        assert (freq - 1 / k).abs().max() < 0.02
+    assert ((even >= 8) & (even < 16)).all()  # all fire, uniformly over their 8 steps
+    assert (torch.bincount(even - 8, minlength=8).float() / even.numel() - 1 / 8).abs().max() < 0.02
+    fired = odd >= 0
+    assert fired.float().mean().item() == pytest.approx(0.5, abs=0.02)  # targets 0..3 of 0..7
+    assert (torch.bincount(odd[fired], minlength=4).float() / fired.sum() - 1 / 4).abs().max() < 0.02
 
 
 def test_random_rate_zero_and_one():
@@ -215,18 +232,18 @@ def test_random_rate_zero_and_one():
     has = allowed.any(dim=1)
     torch.manual_seed(2)
     assert (random_trigger(0.0).positions(torch.zeros(N, L), allowed, V) == -1).all()
-    pos = random_trigger(1.0).positions(torch.zeros(N, L), allowed, V)
-    assert (pos[has] >= 0).all() and (pos[~has] == -1).all()
-    assert allowed[has.nonzero().squeeze(1), pos[has]].all()
+    pos = random_trigger(1.0, span=1).positions(torch.zeros(N, L), allowed, V)
+    assert (pos[has] == ALLOWED_POSITIONS[0]).all() and (pos[~has] == -1).all()
 
 
-def test_random_ignores_entropies():
+def test_random_ignores_entropies_and_draws_from_the_rollout_noise():
     allowed, noisy = random_mask()[:1000], torch.rand(1000, L) * 10
-    torch.manual_seed(3)
-    a = random_trigger(0.5).positions(torch.zeros(1000, L), allowed, V)
-    torch.manual_seed(3)
-    b = random_trigger(0.5).positions(noisy, allowed, V)
+    noise = Noise(1000, 1, seed=3)
+    a = random_trigger(0.5).positions(torch.zeros(1000, L), allowed, V, noise=noise)
+    b = random_trigger(0.5).positions(noisy, allowed, V, noise=noise)
     assert torch.equal(a, b)
+    c = random_trigger(0.5).positions(noisy, allowed, V, noise=Noise(1000, 1, seed=4))
+    assert not torch.equal(a, c)
 
 
 def test_random_box_inside_image_with_sides_in_range():
@@ -263,8 +280,26 @@ def test_random_box_full_frac_is_the_whole_image():
         ({"min_frac": 0.0}, "min_frac"),
         ({"min_frac": 0.7, "max_frac": 0.6}, "min_frac"),
         ({"max_frac": 1.2}, "max_frac"),
+        ({"span": 0}, "explore.trigger.span"),
     ],
 )
 def test_random_trigger_bad_config(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         random_trigger(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "is_open"),
+    [
+        ("", True),
+        ("<think>The lesion is", True),
+        ("<think>x</think>", False),  # the reasoning ended
+        ("<think>x</th", False),  # inside a closing tag: never cut a tag in two
+        ("<think>x<", False),
+        ("<think>x<answer>A", False),
+        ("<think>x<zoom>[1, 2", False),  # the model is acting
+        ("<think>x < y", True),  # a '<' that no longer starts a tag
+    ],
+)
+def test_window_open(text, is_open):
+    assert window_open(text) is is_open

@@ -1,41 +1,26 @@
 """The multi-turn rollout engine behind every explore option (none, tool, evr, random_crop).
 
-All B*G trajectories advance together: one batched `generate` per turn over the rows still
-running, then per-row bookkeeping (no model call inside a per-sample loop). A turn ends at a
-stop token, at `</zoom>` (the environment answers with a crop observation) or at a trigger
-(EVR / random_crop cut the row there and force a zoom). Each trajectory is one row of prompt,
-policy, forced and observation tokens; only policy tokens have loss mask 1.
+All B*G trajectories advance together: one batched turn of the rollout engine (`rollout=`
+group, medvr/rollout/engines.py) over the rows still running, then per-row bookkeeping (no model
+call inside a per-sample loop). A turn ends at a stop token, at `</zoom>` (the environment
+answers with a crop observation) or at a trigger (EVR / random_crop stop the row there and force
+a zoom). Each trajectory is one row of prompt, policy, forced and observation tokens; only policy
+tokens have loss mask 1.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from medvr.explore.trajectory import Trajectory, Zoom, assemble
 from medvr.explore.zoom import ACTION_CLOSE, ACTION_OPEN, ZoomEnv
 from medvr.prompts import PromptBuilder
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.encode import encode_prompts, stop_token_ids, vision_token_ids
-from medvr.rollout.generate import generation_config, sample
-
-# text that closes the window in which a trigger may fire: the model is acting or answering
-WINDOW_ENDS = ("</think>", "<answer>", ACTION_OPEN)
-
-
-@dataclass
-class _Turn:
-    """One row's output of the current turn, before the engine decides what happens next."""
-
-    tokens: Tensor  # [n] policy tokens kept
-    logps: Tensor
-    entropies: Tensor
-    cut: int = -1  # trigger position (tokens from there on are discarded), -1 = none
-    ended: str = "eos"  # eos | action | budget
+from medvr.rollout.engines import HFGenerate, TurnOutput, TurnRequest
+from medvr.rollout.sampling import Noise
 
 
 def _token_index(pieces: list[str], markers: tuple[str, ...], last: bool = False) -> int | None:
@@ -70,6 +55,7 @@ class MultiTurn:
         trigger=None,
         trigger_at_eval: bool = False,
         mask_over_turn: bool = False,
+        engine=None,
     ):
         if max_turns > 0 and env is None:
             raise ValueError("explore.max_turns > 0 needs explore.env (the zoom environment)")
@@ -83,6 +69,7 @@ class MultiTurn:
         self.trigger = trigger
         self.trigger_at_eval = trigger_at_eval
         self.mask_over_turn = mask_over_turn
+        self.engine = engine if engine is not None else HFGenerate()  # rollout=: how a turn is decoded
 
     # --- public --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,33 +92,44 @@ class MultiTurn:
         roots = group_size // 2 if branch else group_size
         enc = encode_prompts(processor, prompt, records, roots, system=self.system)
         trajs = Trajectory.from_prompts(enc, [r for r in records for _ in range(roots)])
-        config = dict(
-            temperature=temperature,
-            greedy=greedy,
-            stop_ids=stop_token_ids(processor),
-            pad_id=processor.tokenizer.pad_token_id,
-            forbidden_ids=vision_token_ids(processor),
+        for slot, t in enumerate(trajs):
+            t.slot = slot
+        # one uniform number per (trajectory, policy token): the same rollouts on every engine
+        noise = None if greedy else Noise(len(trajs) * (2 if branch else 1), self.max_new_tokens)
+        forbidden = vision_token_ids(processor)
+        session = self.engine.session(
+            model, processor, temperature=temperature, greedy=greedy, noise=noise,
+            stop_strings=[ACTION_CLOSE] if self.max_turns > 0 else None,
+            forbidden_ids=forbidden, stop_ids=stop_token_ids(processor),
         )
-        vocab = model.config.get_text_config().vocab_size - len(config["forbidden_ids"])
+        vocab = model.config.get_text_config().vocab_size - len(forbidden)
         first_turn = True
-        while active := [t for t in trajs if not t.done]:
-            for t in active:
-                if t.policy_tokens >= self.max_new_tokens:  # budget spent (e.g. just before a forced action)
-                    _finish(t, True, processor.tokenizer)
-            if not (active := [t for t in active if not t.done]):
-                break
-            turns = self._generate(model, processor, active, config, temperature, device)
-            if trigger is not None:
-                self._apply_trigger(trigger, processor.tokenizer, active, turns, vocab)
-            if branch and first_turn:  # keep an un-regrounded twin right after every root: the group contrasts both
-                twins = [t.copy() for t in active]
-                for twin in twins:
-                    twin.can_trigger = False
-                trajs = active = [x for pair in zip(active, twins) for x in pair]
-                turns = [x for x in turns for _ in range(2)]
-            observations = [self._advance(t, turn, processor.tokenizer, trigger) for t, turn in zip(active, turns)]
-            self._observe(processor, [(t, o) for t, o in zip(active, observations) if o is not None])
-            first_turn = False
+        try:
+            while active := [t for t in trajs if not t.done]:
+                for t in active:
+                    if t.policy_tokens >= self.max_new_tokens:  # budget spent (e.g. just before a forced action)
+                        _finish(t, True, processor.tokenizer)
+                if not (active := [t for t in active if not t.done]):
+                    break
+                fork = branch and first_turn
+                turns = session.turn(active, self._request(active, trigger, noise, vocab, fork))
+                if fork:  # keep an un-regrounded twin right after every root: the group contrasts both
+                    twins = [t.copy() for t in active]
+                    for i, (twin, turn) in enumerate(zip(twins, turns)):
+                        twin.can_trigger = False
+                        twin.slot = len(trajs) + i  # its later turns draw their own numbers
+                        if turn.continuation is not None:
+                            turns[i] = [turn, turn.continuation]
+                        else:
+                            turns[i] = [turn, turn]
+                    trajs = active = [x for pair in zip(active, twins) for x in pair]
+                    turns = [x for pair in turns for x in pair]
+                observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in zip(active, turns)]
+                self._observe(processor, [(t, o) for t, o in zip(active, observations) if o is not None])
+                first_turn = False
+        finally:
+            for t in trajs:
+                t.cache = None  # engine state (KV caches) does not outlive the rollout
         if self.mask_over_turn:
             for t in trajs:
                 t.masked = t.over_turn
@@ -154,61 +152,38 @@ class MultiTurn:
         return out
 
     # --- one turn --------------------------------------------------------------------------------
-    def _generate(self, model, processor, active: list[Trajectory], config: dict, temperature: float, device):
-        """One batched generate over the running rows; returns each row's raw turn output."""
-        budget = max(self.max_new_tokens - t.policy_tokens for t in active)
-        inputs = {k: v.to(device) for k, v in _batch(active, processor.tokenizer.pad_token_id).items()}
-        stops = [ACTION_CLOSE] if self.max_turns > 0 else None
-        out = sample(
-            model,
-            inputs,
-            generation_config(max_new_tokens=budget, **config),
-            temperature,
-            stop_strings=stops,
-            tokenizer=processor.tokenizer,
+    def _request(self, active: list[Trajectory], trigger, noise, vocab: int, fork: bool) -> TurnRequest:
+        """Budgets, noise rows and the trigger's turn watch for the running rows."""
+        slots = torch.tensor([t.slot for t in active])
+        request = TurnRequest(
+            limits=[self.max_new_tokens - t.policy_tokens for t in active],
+            offsets=[t.policy_tokens for t in active],
+            slots=slots,
+            fork=fork,
         )
-        turns = []
-        for r, t in enumerate(active):
-            n = int(out.mask[r].sum())
-            limit = self.max_new_tokens - t.policy_tokens
-            ended = "action" if out.stopped_by_string[r] else ("budget" if out.truncated[r] else "eos")
-            if n > limit:
-                n, ended = limit, "budget"
-            turns.append(_Turn(out.tokens[r, :n].cpu(), out.logps[r, :n].cpu(), out.entropies[r, :n].cpu(), ended=ended))
-        return turns
+        if trigger is not None:
+            request.watch = trigger.watch(slots, noise if noise is not None else Noise(len(active), 1), vocab)
+            request.min_tokens = trigger.min_tokens
+            request.eligible = [
+                not t.in_action and t.can_trigger and t.triggers < trigger.max_triggers
+                and len(t.zooms) < self.max_turns
+                for t in active
+            ]
+        return request
 
-    def _apply_trigger(self, trigger, tokenizer, active: list[Trajectory], turns: list[_Turn], vocab: int) -> None:
-        """Mark each row's cut position: first allowed position the trigger picks (DESIGN.md, EVR)."""
-        width = max(len(x.tokens) for x in turns)
-        if width == 0:
-            return
-        allowed = torch.zeros(len(turns), width, dtype=torch.bool)
-        entropies = torch.zeros(len(turns), width)
-        for r, (t, x) in enumerate(zip(active, turns)):
-            n = len(x.tokens)
-            entropies[r, :n] = x.entropies
-            if t.in_action or not t.can_trigger or t.triggers >= trigger.max_triggers or len(t.zooms) >= self.max_turns:
-                continue
-            pieces = tokenizer.batch_decode(x.tokens.unsqueeze(1))
-            end = _token_index(pieces, WINDOW_ENDS)
-            allowed[r, trigger.min_tokens : n if end is None else min(end, n)] = True
-        cuts = trigger.positions(entropies, allowed, vocab)
-        for r, x in enumerate(turns):
-            x.cut = int(cuts[r])
-
-    def _advance(self, t: Trajectory, turn: _Turn, tokenizer, trigger) -> tuple[Zoom, object] | None:
+    def _advance(self, t: Trajectory, turn: TurnOutput, tokenizer, trigger, noise) -> tuple[Zoom, object] | None:
         """Append this turn to the row; return a pending zoom (action text span) for the environment."""
-        cut = turn.cut if t.can_trigger else -1
-        keep = slice(0, cut) if cut >= 0 else slice(None)
-        tokens = turn.tokens[keep]
         start = t.length
-        t.add_policy(tokens, turn.logps[keep], turn.entropies[keep], tokenizer)
-        if cut >= 0:
+        t.cache = turn.state
+        t.add_policy(turn.tokens, turn.logps, turn.entropies, tokenizer)
+        tokens = turn.tokens
+        if turn.ended == "trigger" and t.can_trigger:
             t.triggers += 1
-            entropy = float(turn.entropies[cut])
+            entropy = turn.trigger_entropy
             if trigger.writes_box:
                 image = t.record["image"]
-                box = self.env.from_pixels(trigger.box(*image.size), *image.size)
+                draws = noise.box[t.slot] if noise is not None else None
+                box = self.env.from_pixels(trigger.box(*image.size, draws=draws), *image.size)
                 action = f"{ACTION_OPEN}[{box[0]}, {box[1]}, {box[2]}, {box[3]}]{ACTION_CLOSE}"
                 span_start = t.length
                 t.add_forced(tokenizer(action, add_special_tokens=False)["input_ids"], action)
@@ -273,19 +248,3 @@ def _finish(t: Trajectory, truncated: bool, tokenizer) -> None:
         zoom.error = f"the zoom action was not closed with {ACTION_CLOSE}"
         t.zooms.append(zoom)
     t.done, t.truncated = True, truncated
-
-
-def _batch(rows: list[Trajectory], pad_id: int) -> dict[str, Tensor]:
-    """Left-padded model inputs of the running rows, their images in row then turn order."""
-    ids = [t.all_ids() for t in rows]
-    return {
-        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side="left"),
-        "attention_mask": pad_sequence(
-            [torch.ones_like(i) for i in ids], batch_first=True, padding_value=0, padding_side="left"
-        ),
-        "mm_token_type_ids": pad_sequence(
-            [t.all_mm() for t in rows], batch_first=True, padding_value=0, padding_side="left"
-        ),
-        "pixel_values": torch.cat([p for t in rows for p in t.pixels]),
-        "image_grid_thw": torch.stack([g for t in rows for g in t.grids]),
-    }

@@ -51,20 +51,23 @@ class Trajectory:
     can_trigger: bool = True  # False for the un-regrounded twin of a branched rollout
     in_action: bool = False  # a forced `<zoom>[` waits for the model's box
     pending: Zoom | None = None
+    slot: int = 0  # row of the rollout's `Noise` this trajectory samples with
+    cache: object = None  # the rollout engine's state for the next turn (e.g. a KV cache)
 
     @classmethod
     def from_prompts(cls, enc: dict[str, Tensor], records: list[dict]) -> list[Trajectory]:
         """One trajectory per row of `encode_prompts` output, with that row's images."""
         pixels = torch.split(enc["pixel_values"].cpu(), enc["image_grid_thw"].prod(-1).tolist())
         first = [0, *enc["images_per_row"].cumsum(0).tolist()]
+        shared: dict[tuple[int, int], Tensor] = {}  # rows of one record share its image tensors (encoded once)
         out = []
         for r, record in enumerate(records):
             keep = enc["attention_mask"][r].bool().cpu()
             ids = enc["input_ids"][r].cpu()[keep]
             t = cls(record=record, prompt_len=len(ids))
             t.add(ids, enc["mm_token_type_ids"][r].cpu()[keep], loss=0)
-            for image in range(first[r], first[r + 1]):
-                t.pixels.append(pixels[image])
+            for j, image in enumerate(range(first[r], first[r + 1])):
+                t.pixels.append(shared.setdefault((id(record), j), pixels[image]))
                 t.grids.append(enc["image_grid_thw"][image].cpu())
             out.append(t)
         return out
@@ -135,7 +138,14 @@ def assemble(trajs: list[Trajectory], pad_id: int, group_size: int, device) -> R
         pixel_values=torch.cat([p for t in trajs for p in t.pixels]).to(device),
         image_grid_thw=torch.stack([g for t in trajs for g in t.grids]).to(device),
         images_per_row=torch.tensor([len(t.grids) for t in trajs], device=device),
+        image_ids=_image_ids(trajs),
         completions=["".join(t.text).strip() for t in trajs],
         group_size=group_size,
         extras={"zooms": zooms, "crops": [list(t.crops) for t in trajs]},
     )
+
+
+def _image_ids(trajs: list[Trajectory]) -> Tensor:
+    """[I] one id per distinct image tensor: the G rows of a prompt (and branched twins) share theirs."""
+    ids: dict[int, int] = {}
+    return torch.tensor([ids.setdefault(id(p), len(ids)) for t in trajs for p in t.pixels])

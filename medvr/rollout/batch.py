@@ -27,6 +27,7 @@ class Rollouts:
     completions: list[str]  # decoded policy text per trajectory (observations excluded)
     group_size: int
     extras: dict = field(default_factory=dict)  # explore-specific per-row data (zoom boxes, ...)
+    image_ids: Tensor | None = None  # [I] equal ids for copies of one image (encoded once); None = all distinct
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,7 +48,7 @@ class Rollouts:
         per_row = {
             f.name: getattr(self, f.name)[start:stop]
             for f in fields(self)
-            if f.name not in {"pixel_values", "image_grid_thw", "group_size", "extras"}
+            if f.name not in {"pixel_values", "image_grid_thw", "group_size", "extras", "image_ids"}
         }
         return Rollouts(
             **per_row,
@@ -55,6 +56,7 @@ class Rollouts:
             image_grid_thw=self.image_grid_thw[img_lo:img_hi],
             group_size=self.group_size,
             extras={k: v[start:stop] for k, v in self.extras.items()},
+            image_ids=None if self.image_ids is None else self.image_ids[img_lo:img_hi],
         )
 
     def micro_batches(self, size: int):
@@ -64,6 +66,7 @@ class Rollouts:
             yield lo, hi, self.rows(lo, hi)
 
     def model_inputs(self) -> dict[str, Tensor]:
+        """Inputs of the plain forward: every image's patches (copies encoded again)."""
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,

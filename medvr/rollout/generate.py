@@ -17,6 +17,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
+from medvr.rollout.images import encode_unique
 
 
 class NonFiniteError(FloatingPointError):
@@ -74,6 +75,7 @@ def sample(
     temperature: float,
     stop_strings: list[str] | None = None,
     tokenizer=None,
+    logits_processor=None,
 ) -> Sample:
     """One batched `generate` call over every row of `inputs` (all prompts x all completions).
 
@@ -83,7 +85,12 @@ def sample(
     rows, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
     criteria = [_FirstStop(tokenizer, stop_strings, prompt_len, rows, device)] if stop_strings else []
     try:
-        out = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList(criteria))
+        out = model.generate(
+            **inputs,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList(criteria),
+            logits_processor=logits_processor,
+        )
     except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
         if "probability tensor contains" not in str(err):
             raise
@@ -125,12 +132,17 @@ def token_logps(
     """Per-token log-probs (and optionally entropies) of the policy tokens under `model`: [N, L], 0 elsewhere.
 
     Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
-    over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids).
+    over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids). Copies of
+    one image (`rollouts.image_ids`: the G rows of a prompt) go through the vision tower once.
     """
     n, length = rollouts.input_ids.shape
     start = max(rollouts.policy_start, 1)
     keep = length - start + 1  # logits at [start-1, L) predict tokens [start, L+1)
-    out = model(**rollouts.model_inputs(), logits_to_keep=keep, use_cache=False)
+    inputs = rollouts.model_inputs()
+    if rollouts.image_ids is not None:  # each distinct image through the vision tower once (with grad)
+        del inputs["pixel_values"]
+        inputs |= encode_unique(model, rollouts.pixel_values, rollouts.image_grid_thw, rollouts.image_ids)
+    out = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, :-1] / temperature  # [N, L-start, V]
     logits.index_fill_(-1, forbidden_ids.to(logits.device), float("-inf"))  # outputs of div: safe in place
     targets = rollouts.input_ids[:, start:]  # [N, L-start]
