@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from medvr.explore.triggers import THRESHOLD_MODES
+from medvr.explore.zoom import RESIZED
 from medvr.grpo import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from medvr.models.family import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ COUNT = integer(min=0)
 POSITIVE = number(0, min_open=True)
 NON_NEGATIVE = number(0)
 FRACTION = number(0, 1, min_open=True)  # (0, 1]
+# zoom box coordinates: 0..N normalised, pixels of the resized model input, or null = original pixels
+BOX_SCALE = optional(any_of(POSITIVE_INT, choice(RESIZED)))
 
 RULES: dict[str, Rule] = {
     "seed": integer(),
@@ -162,13 +166,15 @@ RULES: dict[str, Rule] = {
     "explore.trigger_at_eval": boolean(),
     "explore.trigger.mode": choice(*THRESHOLD_MODES),
     "explore.trigger.threshold": NON_NEGATIVE,
+    "explore.trigger.span": POSITIVE_INT,
     "explore.trigger.min_tokens": COUNT,
     "explore.trigger.max_triggers": POSITIVE_INT,
     "explore.trigger.branch": boolean(),
     "explore.trigger.rate": probability(),
     "explore.trigger.min_frac": FRACTION,
     "explore.trigger.max_frac": FRACTION,
-    "explore.env.box_scale": optional(POSITIVE_INT),
+    "explore.env.box_scale": BOX_SCALE,
+    "explore.env.image_factor": optional(POSITIVE_INT),
     "explore.env.min_side": POSITIVE_INT,
     "explore.env.upscale": POSITIVE,
     # model
@@ -179,11 +185,13 @@ RULES: dict[str, Rule] = {
     "model.freeze_vision": boolean(),
     "model.gradient_checkpointing": boolean(),
     "model.quantization": optional(choice("nf4")),
-    "model.box_scale": optional(POSITIVE_INT),
+    "model.box_scale": BOX_SCALE,
+    "model.image_factor": POSITIVE_INT,
     "model.lora.r": POSITIVE_INT,
     "model.lora.lora_alpha": POSITIVE,
     "model.lora.lora_dropout": number(0, 1, max_open=True),
     "model.seed": integer(),
+    "model.family": choice(*FAMILIES),
     "model.vocab_size": POSITIVE_INT,
     # tiny model architecture
     **{f"model.text.{k}": POSITIVE_INT for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -240,6 +248,8 @@ RELATIONS: list[Relation] = [
      "explore.trigger.threshold={1}: expected a number in (0, 1) for explore.trigger.mode={0} (nats: mode=absolute)"),
     (("explore.trigger.branch", "algo.group_size"), lambda branch, g: not branch or g % 2 == 0,
      "explore.trigger.branch=true needs an even algo.group_size, got {1}"),
+    (("explore.env.box_scale", "explore.env.image_factor"), lambda scale, factor: scale != RESIZED or factor is not None,
+     "explore.env.box_scale={0} needs explore.env.image_factor (set it to ${{model.image_factor}})"),
     (("model.quantization", "model.lora"), lambda q, lora: q is None or lora is not None,
      "model.quantization={0} needs model.lora (a 4-bit base trains adapters only): pick a *_lora model or set it"),
     (("algo.num_iterations", "algo.grad_accum"), lambda mu, accum: mu == 1 or accum == 1,

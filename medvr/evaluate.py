@@ -90,7 +90,7 @@ def locate(cfg: DictConfig) -> Checkpoint:
             trained.model.quantization = None  # evaluated in the base's full precision
         return Checkpoint(instantiate(trained.model), export, trained.get("data"), label)
     model = OmegaConf.to_container(trained.model, resolve=True)
-    keep = ("name", "dtype", "attn_implementation", "min_pixels", "max_pixels", "box_scale")
+    keep = ("name", "dtype", "attn_implementation", "min_pixels", "max_pixels", "box_scale", "image_factor")
     spec = ModelSpec(**{k: model.get(k) for k in keep}, hub_id=None, path=str(export), freeze_vision=False,
                      gradient_checkpointing=False)
     return Checkpoint(spec, None, trained.get("data"), label)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
+from conftest import FAST_MODEL, TWO_STEPS, compose_cfg
 from hydra.utils import instantiate
 
-from conftest import FAST_MODEL, TWO_STEPS, compose_cfg
 from medvr.data import synthetic
 from medvr.explore.trajectory import Trajectory, Zoom, assemble
 from medvr.rollout.encode import encode_prompts, vision_token_ids

@@ -1,8 +1,10 @@
 """The zoom environment: parse `<zoom>[x1, y1, x2, y2]</zoom>`, crop the original image, observe.
 
-Coordinates follow the model's convention (`model.box_scale`: 0..1000 normalised for Qwen2-VL,
-null for absolute pixels). The crop comes from the ORIGINAL full-resolution image, so zooming
-reveals detail the downsized first view lost; it is then resized within the model's pixel budget.
+Coordinates follow the model's convention (`model.box_scale`, medvr/models/family.py): an int N for
+integers normalised to 0..N (Qwen2-VL and Qwen3-VL: 1000), `resized` for absolute pixels of the
+image as the model sees it after the processor's resize (Qwen2.5-VL), null for pixels of the original
+image. The crop comes from the ORIGINAL full-resolution image, so zooming reveals detail the
+downsized first view lost; it is then resized within the model's pixel budget.
 A malformed action never raises: it becomes a textual error observation (DESIGN.md, EVR).
 """
 
@@ -17,6 +19,15 @@ from PIL import Image
 ACTION_OPEN, ACTION_CLOSE = "<zoom>", "</zoom>"
 _NUM = r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*"
 _ACTION = re.compile(rf"<zoom>\s*\[{_NUM},{_NUM},{_NUM},{_NUM}\]\s*</zoom>", re.DOTALL)
+# box_scale of the pixels of the resized model input (Qwen2.5-VL's grounding convention)
+RESIZED = "resized"
+
+
+def describe_box_scale(box_scale: int | str | None) -> str:
+    """The coordinates a `box_scale` asks for, in the words of the zoom tool's instructions (prompt.zoom_system)."""
+    if box_scale is None or box_scale == RESIZED:
+        return "integer pixel coordinates of the image"
+    return f"integer coordinates from 0 to {box_scale}"
 
 
 @dataclass
@@ -56,15 +67,24 @@ class ZoomEnv:
 
     def __init__(
         self,
-        box_scale: int | None,
+        box_scale: int | str | None,
         min_side: int,
         upscale: float,
         min_pixels: int,
         max_pixels: int,
         observation: str,
         invalid_observation: str,
+        image_factor: int | None = None,
     ):
+        if isinstance(box_scale, str) and box_scale != RESIZED:
+            raise ValueError(f"explore.env.box_scale={box_scale!r}: expected an int, {RESIZED} or null")
+        if box_scale == RESIZED and image_factor is None:
+            raise ValueError(
+                f"explore.env.box_scale={RESIZED} needs explore.env.image_factor (the model's model.image_factor): "
+                f"the resized image's sides are multiples of it"
+            )
         self.box_scale = box_scale
+        self.image_factor = image_factor
         self.min_side = min_side
         self.upscale = upscale
         self.min_pixels = min_pixels
@@ -72,14 +92,24 @@ class ZoomEnv:
         self.observation = observation
         self.invalid_observation = invalid_observation
 
+    def frame(self, width: int, height: int) -> tuple[int, int]:
+        """The (x, y) extent of the model's coordinates on an image of `width` x `height` original pixels."""
+        if self.box_scale is None:
+            return width, height
+        if self.box_scale == RESIZED:  # the processor's own resize, so the frame is the image the model saw
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+            h, w = smart_resize(height, width, self.image_factor, self.min_pixels, self.max_pixels)
+            return w, h
+        return self.box_scale, self.box_scale
+
     def to_pixels(self, box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
         """Model coordinates -> clamped pixel box [x1, y1, x2, y2) of at least `min_side` a side."""
-        s = self.box_scale or 1
-        sw, sh = (width, height) if self.box_scale else (1, 1)
-        x1, x2 = min(max(box[0] * sw / s, 0), width), min(max(box[2] * sw / s, 0), width)
-        y1, y2 = min(max(box[1] * sh / s, 0), height), min(max(box[3] * sh / s, 0), height)
+        sx, sy = self.frame(width, height)
+        x1, x2 = min(max(box[0] * width / sx, 0), width), min(max(box[2] * width / sx, 0), width)
+        y1, y2 = min(max(box[1] * height / sy, 0), height), min(max(box[3] * height / sy, 0), height)
         if x2 <= x1 or y2 <= y1:
-            limit = f"0..{self.box_scale}" if self.box_scale else f"0..{width} x 0..{height} pixels"
+            limit = f"0..{sx}" if isinstance(self.box_scale, int) else f"0..{sx} x 0..{sy} pixels"
             raise ValueError(f"box {list(box)} lies outside the image ({limit})")
         x1, x2 = _fit_side(x1, x2, self.min_side, width)
         y1, y2 = _fit_side(y1, y2, self.min_side, height)
@@ -87,15 +117,13 @@ class ZoomEnv:
 
     def from_pixels(self, box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
         """Pixel box -> the model's coordinate convention, rounded outwards (covers the box; never zero area)."""
-        if not self.box_scale:
-            return box
-        s = self.box_scale
+        sx, sy = self.frame(width, height)
         eps = 1e-6
         return (
-            math.floor(box[0] * s / width + eps),
-            math.floor(box[1] * s / height + eps),
-            math.ceil(box[2] * s / width - eps),
-            math.ceil(box[3] * s / height - eps),
+            math.floor(box[0] * sx / width + eps),
+            math.floor(box[1] * sy / height + eps),
+            math.ceil(box[2] * sx / width - eps),
+            math.ceil(box[3] * sy / height - eps),
         )
 
     def crop(self, image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
@@ -105,9 +133,9 @@ class ZoomEnv:
         area = (w * self.upscale) * (h * self.upscale)
         scale = self.upscale * math.sqrt(min(1.0, self.max_pixels / area) * max(1.0, self.min_pixels / area))
         if area > self.max_pixels:  # round towards the budget so it holds exactly
-            fit = lambda v: math.floor(v + 1e-6)  # noqa: E731
+            fit = lambda v: math.floor(v + 1e-6)
         elif area < self.min_pixels:
-            fit = lambda v: math.ceil(v - 1e-6)  # noqa: E731
+            fit = lambda v: math.ceil(v - 1e-6)
         else:
             fit = round
         size = (max(1, fit(w * scale)), max(1, fit(h * scale)))

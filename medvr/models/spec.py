@@ -7,11 +7,16 @@ any expensive work so an unreachable checkpoint fails first) and `load()` builds
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
 
 import torch
+
+from medvr.models.family import Family, by_type, vision_tower
+
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -81,7 +86,7 @@ def _auto_dtype(name: str) -> torch.dtype:
 
 
 class ModelSpec:
-    """A Qwen2-VL-family checkpoint plus how to train it (full fine-tune, LoRA or QLoRA)."""
+    """A Qwen-VL checkpoint (a family of medvr/models/family.py) plus how to train it (full fine-tune, LoRA or QLoRA)."""
 
     def __init__(
         self,
@@ -96,10 +101,12 @@ class ModelSpec:
         gradient_checkpointing: bool,
         lora: dict | None = None,
         quantization: str | None = None,
-        box_scale: int | None = None,
+        box_scale: int | str | None = None,
+        image_factor: int | None = None,
     ):
         self.name = name
         self.box_scale = box_scale  # coordinate convention of zoom boxes (read by the zoom environment)
+        self.image_factor = image_factor  # pixels per merged vision token, checked against the processor
         self.hub_id = hub_id
         self.path = path
         self.dtype = dtype
@@ -127,15 +134,22 @@ class ModelSpec:
                     f"model.path={self.path!r} is not a Hugging Face model directory (no config.json "
                     f"there). Point model.path at a directory saved with save_pretrained."
                 )
-            check_checkpoint_files(local, "copy the checkpoint again, or re-save it with save_pretrained")
+            fix = "copy the checkpoint again, or re-save it with save_pretrained"
+            check_checkpoint_files(local, fix)
+            self._family(local, fix)
             return str(local)
         if not self.hub_id:
             raise ModelUnavailableError(f"model '{self.name}': set model.hub_id or model.path.")
         local = self._from_hub(self.hub_id)
-        check_checkpoint_files(
-            Path(local), f"download it again (`hf download {self.hub_id} --force-download`) or pass model.path=DIR"
-        )
+        fix = f"download it again (`hf download {self.hub_id} --force-download`) or pass model.path=DIR"
+        check_checkpoint_files(Path(local), fix)
+        self._family(Path(local), fix)
         return local
+
+    def _family(self, local: Path, fix: str) -> Family:
+        """The checkpoint's family; an unsupported architecture fails here, before anything is loaded."""
+        config = _read_json(local / "config.json", fix)
+        return by_type(config.get("model_type"), f"model '{self.name}' ({local / 'config.json'})")
 
     def _from_hub(self, repo_id: str) -> str:
         from huggingface_hub import snapshot_download
@@ -162,10 +176,15 @@ class ModelSpec:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         local = self.check()
-        processor = AutoProcessor.from_pretrained(
-            local, size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        )
+        fam = self._family(Path(local), "re-save the checkpoint with save_pretrained")
+        processor = AutoProcessor.from_pretrained(local, **fam.processor_kwargs(self.min_pixels, self.max_pixels))
         processor.tokenizer.padding_side = "left"
+        self._check_image_factor(processor.image_processor)
+        if self.hub_id and self.box_scale != fam.box_scale:
+            log.warning(
+                "model.box_scale=%s, but %s was pretrained on boxes with box_scale=%s: the policy has to learn "
+                "the new convention", self.box_scale, self.hub_id, fam.box_scale,
+            )
         kwargs = {"dtype": _auto_dtype(self.dtype), "attn_implementation": self.attn_implementation}
         if self.quantization is not None:
             kwargs["quantization_config"] = self._quantization_config()
@@ -173,7 +192,7 @@ class ModelSpec:
         if self.quantization is not None:
             _keep_4bit_weights_trainable(model)
         if self.freeze_vision:
-            for p in _vision_tower(model).parameters():
+            for p in vision_tower(model).parameters():
                 p.requires_grad_(False)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -183,6 +202,16 @@ class ModelSpec:
         elif self.quantization is not None:
             raise ValueError("model.quantization needs model.lora: a 4-bit base can only train adapters.")
         return model, processor
+
+    def _check_image_factor(self, image_processor) -> None:
+        """model.image_factor (what the zoom environment resizes by) must be the processor's patch x merge."""
+        actual = image_processor.patch_size * image_processor.merge_size
+        if self.image_factor is not None and self.image_factor != actual:
+            raise ValueError(
+                f"model.image_factor={self.image_factor}, but the image processor of model '{self.name}' resizes to "
+                f"multiples of {actual} px (patch {image_processor.patch_size} x merge {image_processor.merge_size}): "
+                f"set model.image_factor={actual}"
+            )
 
     def _quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -223,8 +252,3 @@ def _keep_4bit_weights_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def _vision_tower(model) -> torch.nn.Module:
-    inner = getattr(model, "model", model)
-    return inner.visual

@@ -128,6 +128,7 @@ def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, 
             upscale=ws["zoom"]["upscale"],
             min_pixels=params["pixels"][0],
             max_pixels=params["pixels"][1],
+            image_factor=processor.image_processor.patch_size * processor.image_processor.merge_size,
             observation=prompt.observation,
             invalid_observation=prompt.invalid_observation,
         )

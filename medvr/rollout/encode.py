@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from medvr.models.family import VISION_TOKENS
 from medvr.prompts import PromptBuilder
 
 
@@ -51,7 +52,6 @@ def stop_token_ids(processor) -> list[int]:
 
 def vision_token_ids(processor) -> list[int]:
     """Placeholder tokens only the processor may place; the policy never emits them."""
-    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
     tok = processor.tokenizer
-    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    ids = {tok.convert_tokens_to_ids(n) for n in VISION_TOKENS}
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
