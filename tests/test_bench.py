@@ -74,7 +74,7 @@ def test_cpu_bench_prints_engines_and_explore_tables(tiny, cache_dir, tmp_path, 
     monkeypatch.setenv("MEDVR_CACHE", str(cache_dir))
     rollout = bench.rollout_options()[:1]
     out = tmp_path / "bench.md"
-    code = bench.main(["--steps", "1", "--warmup", "1", "--explore", "none,tool", "--rollout", ",".join(rollout),
+    code = bench.main(["--steps", "1", "--warmup", "1", "--explore", "none", "--rollout", ",".join(rollout),
                        "--out", str(out), "--keep", str(tmp_path / "work"), f"paths.cache_dir={cache_dir}", *SMALL_RUN])
     text = out.read_text()
     assert code == 0, text
@@ -87,7 +87,7 @@ def test_cpu_bench_prints_engines_and_explore_tables(tiny, cache_dir, tmp_path, 
         assert 0 < float(row["tokens/completion"]) <= 16  # the token budget holds for both engines
     assert engines["trl"]["s/step ÷ TRL's"] == "1.00"
     explore = table(text, "explore options")
-    assert set(explore) == {f"{rollout[0] if rollout else '-'} {e}" for e in ("none", "tool")}
+    assert set(explore) == {f"{rollout[0] if rollout else '-'} none"}
     assert next(row["s/step ÷ none's"] for row in explore.values()) == "1.00"
     assert all(float(row["s/step"]) > 0 for row in explore.values())
     assert "torch" in text and "trl 1." in text and "G=4" in text and "2 prompts/step" in text
