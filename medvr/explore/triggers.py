@@ -128,7 +128,7 @@ class RandomTrigger(_Replay):
 
     def __init__(
         self, rate: float, min_tokens: int, max_triggers: int, min_frac: float, max_frac: float, branch: bool,
-        span: int = 16,
+        span: int,
     ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"explore.trigger.rate={rate} must lie in [0, 1]")
