@@ -106,8 +106,7 @@ class _HFSession:
         self.stop_strings = stop_strings
         self.forbidden = torch.tensor(forbidden_ids, dtype=torch.long)
         self.config = generation_config(
-            max_new_tokens=1, temperature=temperature, greedy=True, stop_ids=stop_ids,
-            pad_id=processor.tokenizer.pad_token_id, forbidden_ids=forbidden_ids,
+            max_new_tokens=1, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_token_id, forbidden_ids=forbidden_ids,
         )
         self.pieces = Pieces(processor.tokenizer)
 

@@ -18,6 +18,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.images import encode_unique
+from medvr.rollout.sampling import entropy, policy_logprobs
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,13 +50,11 @@ class _FirstStop(StoppingCriteria):
         return done
 
 
-def generation_config(
-    *, max_new_tokens: int, temperature: float, greedy: bool, stop_ids: list[int], pad_id: int, forbidden_ids: list[int]
-) -> GenerationConfig:
-    """Plain ancestral sampling (or greedy) from raw logits: no top-k/top-p/penalties."""
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+def generation_config(*, max_new_tokens: int, stop_ids: list[int], pad_id: int, forbidden_ids: list[int]) -> GenerationConfig:
+    """Greedy decoding with no warpers or penalties: a sampled token comes from a logits processor
+    (medvr's inverse-CDF choice, `medvr/rollout/engines.py`) that leaves only that token finite."""
     return GenerationConfig(
-        **sampling,
+        do_sample=False,
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
@@ -84,25 +83,19 @@ def sample(
     prompt_len = inputs["input_ids"].shape[1]
     rows, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
     criteria = [_FirstStop(tokenizer, stop_strings, prompt_len, rows, device)] if stop_strings else []
-    try:
-        out = model.generate(
-            **inputs,
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList(criteria),
-            logits_processor=logits_processor,
-        )
-    except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
-        if "probability tensor contains" not in str(err):
-            raise
-        raise NonFiniteError(f"the policy's logits are not finite while sampling ({err})") from err
+    out = model.generate(
+        **inputs,
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList(criteria),
+        logits_processor=logits_processor,
+    )
     tokens = out.sequences[:, prompt_len:]  # [N, Lc]
     logps, entropies = [], []
     forbidden = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=tokens.device)
     for t, step_logits in enumerate(out.logits):  # one [N, V] per step: never stack [N, Lc, V]
-        z = (step_logits.float() / temperature).index_fill_(-1, forbidden, float("-inf"))  # [N, V]
-        logp = torch.log_softmax(z, dim=-1)  # [N, V]
+        logp = policy_logprobs(step_logits, temperature, forbidden)  # [N, V]
         logps.append(logp.gather(-1, tokens[:, t : t + 1]).squeeze(-1))  # [N]
-        entropies.append(-(logp.exp() * logp).nan_to_num().sum(-1))  # [N]
+        entropies.append(entropy(logp))  # [N]
     logps_t = torch.stack(logps, dim=1)  # [N, Lc]
     entropies_t = torch.stack(entropies, dim=1)  # [N, Lc]
     stop_ids = torch.tensor(config.eos_token_id, device=tokens.device)
