@@ -206,6 +206,9 @@ RULES: dict[str, Rule] = {
     "model.warm_start.zoom.jitter": NON_NEGATIVE,
     "model.warm_start.zoom.min_side": POSITIVE_INT,
     "model.warm_start.zoom.upscale": POSITIVE,
+    "model.vision_pretraining.steps": COUNT,
+    "model.vision_pretraining.batch_size": POSITIVE_INT,
+    "model.vision_pretraining.lr": POSITIVE,
     # data
     "data.batch_size": POSITIVE_INT,
     "data.eval_batch_size": POSITIVE_INT,

@@ -79,18 +79,25 @@ def test_question_mix_answers_and_rationales(items):
     assert {it.record["modality"] for it in items} == set(synthetic.MODALITIES)
     assert {it.record["image"].size for it in items} == set(synthetic.SIZES)
 
-    observed, expected = collections.Counter(), collections.Counter()
+    letters, facts = collections.Counter(), collections.defaultdict(collections.Counter)
     for it in items:
         record = validate_record(it.record, it.record["id"])
         options, index = record["options"], LETTERS.index(record["answer"])
-        assert 2 <= len(options) <= 5 and len(set(options)) == len(options)
+        assert len(options) == (2 if record["question_type"] == "side" else 4) and len(set(options)) == len(options)
         assert options[index] in it.rationale  # the rationale states the answering fact
         assert "<" not in it.rationale and record["answer"] not in it.rationale.split()
-        observed[record["answer"]] += 1
-        for letter in LETTERS[: len(options)]:
-            expected[letter] += 1 / len(options)
-    for letter in "ABC":  # shuffled options: each position as likely as the others
-        assert 0.6 * expected[letter] <= observed[letter] <= 1.4 * expected[letter]
+        letters[record["answer"]] += 1
+        for name in ("quadrant", "shape", "texture", "count"):
+            facts[name][it.facts[name]] += 1
+    # every type lists the same options in the same order: the letter is a function of the fact
+    by_type = collections.defaultdict(set)
+    for it in items:
+        by_type[it.record["question_type"]].add(tuple(it.record["options"]))
+    assert all(len(orders) == 1 for orders in by_type.values())
+    # facts cycle through their values, so no letter is a good blind guess
+    for counts in facts.values():
+        assert max(counts.values()) - min(counts.values()) <= len(items) // 10
+    assert max(letters.values()) / len(items) < 0.36 and set(letters) == set("ABCD")
 
 
 def test_lesion_lies_in_bbox_and_answers_match_its_position(items):

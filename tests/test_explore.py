@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from medvr.data import synthetic
 from medvr.explore.trajectory import Trajectory, Zoom, assemble
-from medvr.rollout.encode import encode_prompts, vision_token_ids
+from medvr.rollout.encode import encode_prompts, stop_token_ids, vision_token_ids
 from medvr.rollout.generate import token_logps
 from medvr.train import run
 
@@ -115,18 +115,24 @@ def test_branching_keeps_the_unregrounded_twin(tiny, records, tmp_path, cache_di
         explore.rollout(model, processor, prompt, records[:1], group_size=3, temperature=1.0)
 
 
+def _cut_by_budget(ro, processor) -> list[bool]:
+    """Per row: its last policy token is not a stop token (the budget, not the policy, ended it)."""
+    last = [ro.input_ids[row][ro.loss_mask[row].bool()][-1].item() for row in range(len(ro))]
+    return [token not in stop_token_ids(processor) for token in last]
+
+
 def test_budgets_and_turn_limit(tiny, records, tmp_path, cache_dir):
     model, processor, prompt = tiny
     explore = _explore("tool", ["explore.max_new_tokens=6"], tmp_path, cache_dir)
     ro = explore.rollout(model, processor, prompt, records, group_size=2, temperature=1.0)
     assert ro.loss_mask.sum(1).max() <= 6
-    assert ro.truncated.all()  # nobody answers in 6 tokens
+    assert ro.truncated.tolist() == _cut_by_budget(ro, processor) and ro.truncated.any()
     # no room for any observation: the trajectory is cut, its crop never enters the batch
     tight = _explore(
         "random_crop", ["explore.trigger.rate=1.0", "explore.trigger.span=1", "explore.max_total_tokens=8"], tmp_path, cache_dir
     )
     ro = tight.rollout(model, processor, prompt, records, group_size=2, temperature=1.0)
-    assert ro.images_per_row.tolist() == [1] * 6 and ro.truncated.all()
+    assert ro.images_per_row.tolist() == [1] * 6 and ro.truncated.tolist() == _cut_by_budget(ro, processor)
     # one zoom too many ends the trajectory: cut by the turn limit, masked out when asked
     masking = _explore("tool", ["explore.max_turns=1", "explore.mask_over_turn=true"], tmp_path, cache_dir)
     t = Trajectory.from_prompts(encode_prompts(processor, prompt, records[:1], 1), records[:1])[0]

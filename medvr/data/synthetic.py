@@ -16,16 +16,16 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medvr.data.schema import LETTERS, MAX_OPTIONS, records_dataset
+from medvr.data.schema import LETTERS, records_dataset
 
-GENERATOR_VERSION = 3  # part of the cache key: bump whenever drawing or questions change
+GENERATOR_VERSION = 4  # part of the cache key: bump whenever drawing or questions change
 SIZES = ((256, 256), (288, 256), (256, 320), (320, 288))  # (width, height)
 MODALITIES = ("MRI", "CT", "X-ray")
-SHAPES = ("round", "square", "triangle", "cross", "diamond")
+SHAPES = ("round", "square", "triangle", "cross")
 TEXTURES = ("solid", "striped", "dotted", "hollow")
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 QUESTION_TYPES = ("quadrant", "side", "modality", "shape", "texture", "count")
-_MODALITY_OPTIONS = (*MODALITIES, "Ultrasound", "PET")  # distractors never drawn
+_MODALITY_OPTIONS = (*MODALITIES, "Ultrasound")  # a distractor never drawn
 _SCAN_NAMES = {"MRI": "MRI scan", "CT": "CT scan", "X-ray": "X-ray image"}
 _MODALITY_CUES = {
     "MRI": "The smooth soft-tissue contrast of the head on a dark background shows an MRI scan.",
@@ -51,10 +51,11 @@ _ON, _OFF, _DOT = 245.0, 160.0, 250.0  # lesion gray levels: bright texture, dim
 
 @dataclass
 class SyntheticItem:
-    """One generated record plus a one-sentence rationale stating the answering fact."""
+    """One generated record, a one-sentence rationale stating the answering fact, and every fact drawn."""
 
     record: dict
     rationale: str
+    facts: dict
 
 
 def _ellipse_radius(xx, yy, cx, cy, a, b):
@@ -218,7 +219,14 @@ def _balanced(seed, split, i, k, salt):
 
 
 def _question(kind, facts, rng):
-    """Multiple-choice question about one fact: (question, options, answer letter, rationale)."""
+    """Multiple-choice question about one fact: (question, options, answer letter, rationale).
+
+    The options are every value of the fact, always in the same order (side: 2, the others: 4),
+    so the key's letter is a fixed function of the fact. A model as small as the tiny one cannot
+    learn in-context option lookup within its build budget; here reading the image is all it takes.
+    The facts are drawn uniformly, so the keys spread over the letters: a policy that always gives
+    one letter scores chance (1/2 on side, 1/4 elsewhere), never more.
+    """
     scan, count = _SCAN_NAMES[facts["modality"]], facts["count"]
     dots = "is 1 small bright dot" if count == 1 else f"are {count} small bright dots"
     pool, correct, rationale = {
@@ -231,10 +239,7 @@ def _question(kind, facts, rng):
         "texture": (TEXTURES, facts["texture"], f"The inside of the lesion looks {facts['texture']}."),
         "count": (("1", "2", "3", "4"), str(count), f"There {dots} next to the lesion."),
     }[kind]
-    n = int(rng.integers(2, min(MAX_OPTIONS, len(pool)) + 1))
-    distractors = [str(o) for o in rng.permutation([o for o in pool if o != correct])[: n - 1]]
-    options = [correct, *distractors]
-    options = [options[j] for j in rng.permutation(n)]
+    options = [str(o) for o in pool]
     question = QUESTIONS[kind][int(rng.integers(len(QUESTIONS[kind])))]
     return question, options, LETTERS[options.index(correct)], rationale
 
@@ -246,8 +251,13 @@ def _item(i, seed, split):
     w, h = SIZES[int(rng.integers(len(SIZES)))]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img, allowed = _DRAW[modality](rng, xx, yy)
-    shape, texture = SHAPES[int(rng.integers(len(SHAPES)))], TEXTURES[int(rng.integers(len(TEXTURES)))]
-    count, s = int(rng.integers(1, 5)), int(rng.integers(14, 25))
+    # every fact cycles through its values (independently): balanced facts, so balanced answer letters
+    shape = SHAPES[_balanced(seed, split, i, len(SHAPES), salt=3)]
+    texture = TEXTURES[_balanced(seed, split, i, len(TEXTURES), salt=4)]
+    count = 1 + _balanced(seed, split, i, 4, salt=5)
+    quadrant = _balanced(seed, split, i, len(QUADRANTS), salt=6)  # QUADRANTS order: upper/lower x left/right
+    allowed = allowed & ((yy >= h / 2) == (quadrant >= 2)) & ((xx >= w / 2) == (quadrant % 2 == 1))
+    s = int(rng.integers(14, 25))
     x0, y0, dots, box = _place(rng, allowed, s, count)
     patch = _lesion(shape, texture, s)
     region = img[y0 : y0 + s, x0 : x0 + s]
@@ -265,7 +275,7 @@ def _item(i, seed, split):
     question, options, answer, rationale = _question(kind, facts, rng)
     record = {"id": f"syn-{split}-{i:05d}", "image": image, "question": question, "options": options,
               "answer": answer, "modality": modality, "bbox": box, "question_type": kind}
-    return SyntheticItem(record=record, rationale=rationale)
+    return SyntheticItem(record=record, rationale=rationale, facts=facts)
 
 
 def generate(n: int, seed: int, split: str = "train") -> list[SyntheticItem]:

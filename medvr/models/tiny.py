@@ -23,7 +23,7 @@ from medvr.prompts import PromptBuilder
 log = logging.getLogger(__name__)
 
 MANIFEST = "medvr_build.json"
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 def _sha256(path: Path) -> str:
@@ -92,6 +92,7 @@ class TinyQwen2VL(CachedBuild):
         text: dict,
         vision: dict,
         warm_start: dict,
+        vision_pretraining: dict,
         prompt: PromptBuilder,
         **spec,
     ):
@@ -105,6 +106,7 @@ class TinyQwen2VL(CachedBuild):
             "text": dict(text),
             "vision": dict(vision),
             "warm_start": dict(warm_start),
+            "vision_pretraining": dict(vision_pretraining),
             "prompt": {
                 "template": prompt.templates["choice"],  # the warm start asks choice questions only
                 **{k: getattr(prompt, k) for k in ("system", "zoom_system", "observation", "invalid_observation")},

@@ -29,6 +29,7 @@ from medvr.data import synthetic
 from medvr.explore.trajectory import Trajectory, assemble
 from medvr.explore.zoom import ZoomEnv
 from medvr.models.tiny_tokenizer import train_tokenizer
+from medvr.models.tiny_vision import pretrain_vision, views
 from medvr.prompts import PromptBuilder
 from medvr.rollout.encode import encode_prompts
 
@@ -54,7 +55,12 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
     )
-    _warm_start(model, processor, prompt, items, ws, params)
+    env = _zoom_env(processor, prompt, ws, params)
+    vp = params["vision_pretraining"]
+    if vp["steps"] > 0:
+        data = views(items, processor, env, ws["zoom"]["jitter"], random.Random(params["seed"]))
+        pretrain_vision(model, data, vp["steps"], vp["batch_size"], vp["lr"], params["seed"])
+    _warm_start(model, processor, prompt, items, ws, env)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
@@ -117,30 +123,34 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
     return traj
 
 
-def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, params: dict) -> None:
+def _zoom_env(processor, prompt: PromptBuilder, ws: dict, params: dict) -> ZoomEnv:
+    return ZoomEnv(
+        box_scale=params["box_scale"],
+        min_side=ws["zoom"]["min_side"],
+        upscale=ws["zoom"]["upscale"],
+        min_pixels=params["pixels"][0],
+        max_pixels=params["pixels"][1],
+        image_factor=processor.image_processor.patch_size * processor.image_processor.merge_size,
+        observation=prompt.observation,
+        invalid_observation=prompt.invalid_observation,
+    )
+
+
+def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, env: ZoomEnv) -> None:
     """Teacher-forced cross-entropy on the answer turns only (prompt and observation tokens are label -100)."""
     rng = random.Random(0)
-    env = None
-    if ws["zoom"]["fraction"] > 0:
-        env = ZoomEnv(
-            box_scale=params["box_scale"],
-            min_side=ws["zoom"]["min_side"],
-            upscale=ws["zoom"]["upscale"],
-            min_pixels=params["pixels"][0],
-            max_pixels=params["pixels"][1],
-            image_factor=processor.image_processor.patch_size * processor.image_processor.merge_size,
-            observation=prompt.observation,
-            invalid_observation=prompt.invalid_observation,
-        )
     demos = [
         _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
         for it in items
     ]
+    # zoom demonstrations (two images, twice as long) get batches of their own: no row pads to their length
     batches = []
-    for start in range(0, len(demos), ws["batch_size"]):
-        batch = assemble(demos[start : start + ws["batch_size"]], processor.tokenizer.pad_token_id, 1, "cpu")
-        labels = torch.where(batch.loss_mask.bool(), batch.input_ids, -100)
-        batches.append((batch.model_inputs(), labels))
+    for group in ([d for d in demos if len(d.grids) == 1], [d for d in demos if len(d.grids) > 1]):
+        for start in range(0, len(group), ws["batch_size"]):
+            batch = assemble(group[start : start + ws["batch_size"]], processor.tokenizer.pad_token_id, 1, "cpu")
+            labels = torch.where(batch.loss_mask.bool(), batch.input_ids, -100)
+            batches.append((batch.model_inputs(), labels))
+    random.Random(1).shuffle(batches)
     optim = torch.optim.AdamW(model.parameters(), lr=ws["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws["steps"]))

@@ -1,0 +1,54 @@
+"""The tiny build's vision pretraining: labels of each view, and a tower that learns from them."""
+
+import copy
+import random
+
+import torch
+
+from medvr.data import synthetic
+from medvr.explore.zoom import ZoomEnv
+from medvr.models.tiny_vision import MERGED, pretrain_vision, views
+
+
+def _env():
+    return ZoomEnv(box_scale=10, min_side=28, upscale=2.0, min_pixels=3136, max_pixels=12544,
+                   observation="", invalid_observation="", image_factor=28)
+
+
+def test_views_label_the_lesion_tokens_and_the_quadrant(tiny):
+    _, processor, _ = tiny
+    items = synthetic.generate(12, seed=0, split="warmstart")
+    data = views(items, processor, _env(), jitter=0.3, rng=random.Random(0))
+    assert len(data) == 2 * len(items)
+    for item, whole, crop in zip(items, data[0::2], data[1::2]):
+        _, gh, gw = whole["grid"][0].tolist()
+        rows, cols = gh // 2, gw // 2
+        assert whole["lesion"].shape == whole["where"].shape == (rows * cols,)
+        # the token holding the lesion box's centre is a lesion token
+        (x1, y1, x2, y2), (w, h) = item.record["bbox"], item.record["image"].size
+        cx, cy = (x1 + x2) / 2 * gw * 14 / w, (y1 + y2) / 2 * gh * 14 / h
+        assert whole["lesion"][int(cy // MERGED) * cols + int(cx // MERGED)] == 1
+        assert 1 <= whole["lesion"].sum() <= 4  # the lesion spans at most 2 x 2 tokens at the whole-image budget
+        assert whole["quadrant"] == synthetic.QUADRANTS.index(item.facts["quadrant"])
+        assert set(whole["where"].tolist()) == {0, 1, 2, 3}
+        # the crop shows the lesion over more tokens, and has no quadrant label
+        assert crop["lesion"].sum() >= whole["lesion"].sum() and crop["quadrant"] == -100
+        assert set(crop["where"].tolist()) == {-100}
+        for view in (whole, crop):
+            assert view["shape"] == synthetic.SHAPES.index(item.facts["shape"])
+            assert view["count"] == item.facts["count"] - 1
+
+
+def test_pretraining_trains_the_tower_and_lowers_the_probe_loss(tiny):
+    model, processor, _ = tiny
+    model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    text_before = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    data = views(synthetic.generate(16, seed=0, split="warmstart"), processor, _env(), 0.3, random.Random(0))
+    torch.manual_seed(0)
+    losses = pretrain_vision(model, data, steps=40, batch_size=16, lr=3e-3, seed=0)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+    after = model.model.visual.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+    assert torch.equal(text_before, model.model.language_model.layers[0].mlp.up_proj.weight)  # the tower alone
