@@ -46,6 +46,22 @@ def test_experiment_medvlm_r1_sets_the_paper_recipe(tmp_path):
     assert sorted(instantiate(cfg.reward).names) == ["accuracy", "format"]
 
 
+def test_experiment_medvr_mini_sweeps_the_six_arms_over_two_seeds(tmp_path):
+    cfg = compose_cfg(["experiment=medvr_mini"], tmp_path, tmp_path / "cache")
+    params = cfg.hydra.sweeper.params
+    arms = params["+arm"].split(",")
+    assert params["seed"] == "0,1" and cfg.logger.experiment_name == "medvr_mini"
+    assert sorted(arms) == sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml"))
+    chosen = {}
+    for arm in arms:
+        choices = compose_cfg(["experiment=medvr_mini", f"+arm={arm}"], tmp_path, tmp_path / "cache").hydra.runtime.choices
+        chosen[arm] = (choices.explore, choices.reward)
+    assert chosen == {
+        "none": ("none", "r1"), "tool": ("tool", "r1"), "evr": ("evr", "r1"), "random_crop": ("random_crop", "r1"),
+        "evr_cca": ("evr", "cca"), "evr_grounding_gt": ("evr", "grounding_gt"),
+    }
+
+
 def test_every_callback_and_the_trainer_instantiate(tmp_path):
     cfg = compose_cfg(["trainer.max_steps=7", "trainer.accelerator=cpu"], tmp_path, tmp_path / "cache")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
