@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONF, compose_cfg
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF, compose_cfg
 
 GROUPS = {
     group: sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))

@@ -11,7 +11,6 @@ from PIL import Image
 
 from medvr.data import (
     FEATURES,
-    records_dataset,
     LETTERS,
     HFVQASource,
     RecordError,
@@ -19,9 +18,10 @@ from medvr.data import (
     VQADataModule,
     corpus_texts,
     generate,
+    records_dataset,
+    synthetic,
     validate_record,
 )
-from medvr.data import synthetic
 from medvr.data.schema import FIELDS
 
 

@@ -256,6 +256,8 @@ def test_two_zooming_training_steps_update_every_family(tiny_random, tmp_path, c
             *SMALL_DATA,
             "explore=random_crop", "explore.trigger.rate=1.0", "explore.trigger.min_tokens=1",
             "explore.trigger.span=2", "explore.max_new_tokens=12",
+            # crops of 90-100% of each side: every one overlaps the lesion unless the box convention is wrong
+            "explore.trigger.min_frac=0.9", "explore.trigger.max_frac=1.0",
             "reward=grounding_gt", "reward.credit=sequence",
             "algo.group_size=2", "data.batch_size=2", "optimizer.lr=1e-2",
             "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",

@@ -29,7 +29,7 @@ from medvr.data import synthetic
 from medvr.explore.trajectory import Trajectory, assemble
 from medvr.explore.zoom import ZoomEnv
 from medvr.models.tiny_tokenizer import train_tokenizer
-from medvr.models.tiny_vision import pretrain_vision, views
+from medvr.models.tiny_vision import jittered_box, pretrain_vision, views
 from medvr.prompts import PromptBuilder
 from medvr.rollout.encode import encode_prompts
 
@@ -109,11 +109,7 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
     if env is None or rng.random() >= zoom['rate']:
         policy("<think>" + answer)
         return traj
-    w, h = record["image"].size
-    x1, y1, x2, y2 = record["bbox"]
-    pad = zoom["jitter"] * max(x2 - x1, y2 - y1)
-    box = [x1 - pad * rng.random(), y1 - pad * rng.random(), x2 + pad * rng.random(), y2 + pad * rng.random()]
-    box = env.from_pixels(tuple(int(round(min(max(v, 0), lim))) for v, lim in zip(box, (w, h, w, h))), w, h)
+    box = jittered_box(record, env, zoom["jitter"], rng)
     action = f"<zoom>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</zoom>"
     policy("<think>Let me look closer." + action)
     obs = env.step(action, record["image"])
@@ -136,28 +132,27 @@ def _zoom_env(processor, prompt: PromptBuilder, ws: dict, params: dict) -> ZoomE
     )
 
 
-def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, env: ZoomEnv) -> None:
-    """Teacher-forced cross-entropy on the answer turns only (prompt and observation tokens are label -100)."""
-    rng = random.Random(0)
-    demos = [
-        _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
-        for it in items
-    ]
-    # zoom demonstrations (two images, twice as long) get batches of their own: no row pads to their length
+def _batches(demos: list[Trajectory], batch_size: int, pad_id: int) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs, labels) per batch; labels are -100 except on policy tokens. Demonstrations with
+    a second image (zooms, twice as long) get batches of their own: no row pads to their length."""
     batches = []
     for group in ([d for d in demos if len(d.grids) == 1], [d for d in demos if len(d.grids) > 1]):
-        for start in range(0, len(group), ws["batch_size"]):
-            batch = assemble(group[start : start + ws["batch_size"]], processor.tokenizer.pad_token_id, 1, "cpu")
-            labels = torch.where(batch.loss_mask.bool(), batch.input_ids, -100)
-            batches.append((batch.model_inputs(), labels))
+        for start in range(0, len(group), batch_size):
+            batch = assemble(group[start : start + batch_size], pad_id, 1, "cpu")
+            batches.append((batch.model_inputs(), torch.where(batch.loss_mask.bool(), batch.input_ids, -100)))
     random.Random(1).shuffle(batches)
-    optim = torch.optim.AdamW(model.parameters(), lr=ws["lr"], weight_decay=0.0)
+    return batches
+
+
+def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
+    """Teacher-forced cross-entropy over `batches` (cycled) for `steps` AdamW steps, warm-up then cosine."""
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws["steps"]))
+        optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     model.train()
     t0 = time.time()
-    for step in range(ws["steps"]):
+    for step in range(steps):
         enc, labels = batches[step % len(batches)]
         loss = model(**enc, labels=labels).loss
         loss.backward()
@@ -165,6 +160,17 @@ def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, 
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == ws["steps"] - 1:
-            log.info("tiny warm start step %d/%d loss %.3f (%.0fs)", step + 1, ws["steps"], loss.item(), time.time() - t0)
+        if step % 50 == 0 or step == steps - 1:
+            log.info("tiny %s step %d/%d loss %.3f (%.0fs)", stage, step + 1, steps, loss.item(), time.time() - t0)
     model.eval()
+
+
+def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, env: ZoomEnv) -> None:
+    """Teacher-forced cross-entropy on the answer turns only (prompt and observation tokens are label -100)."""
+    pad = processor.tokenizer.pad_token_id
+    rng = random.Random(0)
+    demos = [
+        _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
+        for it in items
+    ]
+    _fit(model, _batches(demos, ws["batch_size"], pad), ws["steps"], ws["lr"], "warm start")

@@ -67,17 +67,22 @@ def _view(item, image, box, processor, whole: bool) -> dict:
     }
 
 
+def jittered_box(record: dict, env: ZoomEnv, jitter: float, rng: random.Random) -> tuple[int, int, int, int]:
+    """A zoom box in the model's coordinates around the record's lesion: each edge pushed out by up to
+    `jitter` of the lesion box's longer side (how the warm start demonstrates the zoom tool)."""
+    (x1, y1, x2, y2), (w, h) = record["bbox"], record["image"].size
+    pad = jitter * max(x2 - x1, y2 - y1)
+    box = [x1 - pad * rng.random(), y1 - pad * rng.random(), x2 + pad * rng.random(), y2 + pad * rng.random()]
+    return env.from_pixels(tuple(round(min(max(v, 0), m)) for v, m in zip(box, (w, h, w, h))), w, h)
+
+
 def views(items: list, processor, env: ZoomEnv, jitter: float, rng: random.Random) -> list[dict]:
     """The whole image and one jittered crop around the finding, per item."""
     out = []
     for item in items:
         image, (x1, y1, x2, y2) = item.record["image"], item.record["bbox"]
         out.append(_view(item, image, (x1, y1, x2, y2), processor, whole=True))
-        pad = jitter * max(x2 - x1, y2 - y1)
-        w, h = image.size
-        box = [x1 - pad * rng.random(), y1 - pad * rng.random(), x2 + pad * rng.random(), y2 + pad * rng.random()]
-        box = env.from_pixels(tuple(int(round(min(max(v, 0), m))) for v, m in zip(box, (w, h, w, h))), w, h)
-        crop_box = env.to_pixels(box, w, h)
+        crop_box = env.to_pixels(jittered_box(item.record, env, jitter, rng), *image.size)
         crop = env.crop(image, crop_box)
         cx, cy = crop_box[0], crop_box[1]
         fx, fy = crop.size[0] / (crop_box[2] - cx), crop.size[1] / (crop_box[3] - cy)
