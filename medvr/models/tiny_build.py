@@ -60,7 +60,12 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
     if vp["steps"] > 0:
         data = views(items, processor, env, ws["zoom"]["jitter"], random.Random(params["seed"]))
         pretrain_vision(model, data, vp["steps"], vp["batch_size"], vp["lr"], params["seed"])
+    tower = list(model.model.visual.parameters())
+    for p in tower if vp["steps"] > 0 else []:  # a pretrained tower stays as it is: stage 2 trains the rest
+        p.requires_grad_(False)
     _warm_start(model, processor, prompt, items, ws, env)
+    for p in tower:
+        p.requires_grad_(True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
@@ -146,7 +151,8 @@ def _batches(demos: list[Trajectory], batch_size: int, pad_id: int) -> list[tupl
 
 def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
     """Teacher-forced cross-entropy over `batches` (cycled) for `steps` AdamW steps, warm-up then cosine."""
-    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
@@ -156,7 +162,7 @@ def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
         enc, labels = batches[step % len(batches)]
         loss = model(**enc, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
