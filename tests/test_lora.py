@@ -111,7 +111,8 @@ def test_lora_adapts_every_language_model_projection_and_nothing_else(tmp_path, 
 
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(tmp_path, cache_dir):
-    module, cfg = build(tmp_path, cache_dir, "model=tiny_lora")
+    # 4 prompts x 8 samples: both steps see groups whose rewards differ (a learning signal)
+    module, cfg = build(tmp_path, cache_dir, "model=tiny_lora", "algo.group_size=8", "data.batch_size=4")
     assert module.algo.beta > 0 and module._frozen_ref == []  # the reference is the adapter-disabled policy
     adapters = trainable(module)
     assert adapters and all(is_adapter(n) for n in adapters)
@@ -123,7 +124,10 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(tmp_path,
 
     recorder = fit_two_steps(module, cfg, tmp_path)
 
-    assert changed_since(module, before) == adapters  # every adapter moved, every base weight bit-identical
+    changed = changed_since(module, before)
+    assert changed <= adapters  # every base weight bit-identical
+    # every lora_B moved (lora_A has no gradient while B is 0, so it moves only if step 2 has a signal)
+    assert {n for n in adapters if "lora_B" in n} <= changed
     kl = recorder.series("train/kl")
     assert kl[0] == 0.0 and kl[1] > 0.0
     policy1, reference1 = policy_and_reference_logps(module, rollouts)

@@ -1,8 +1,9 @@
-"""Build the tiny Qwen2-VL: tokenizer, processor, random init, and a short supervised warm start.
+"""Build the tiny Qwen2-VL: tokenizer, processor, random init, vision pretraining, a supervised warm start.
 
-The warm start teaches `<think>{rationale}</think><answer>{letter}</answer>` on synthetic items
-of a split that training and evaluation never see; it is kept short on purpose so the policy is
-well-formed but far from perfect, leaving GRPO something to improve. Under the zoom system prompt
+Stage 1 (medvr/models/tiny_vision.py) teaches the vision tower alone to see. Stage 2, with that
+tower frozen, teaches `<think>{rationale}</think><answer>{letter}</answer>` on synthetic items of a
+split that training and evaluation never see; it reads the modality but not the lesion's location
+or fine detail at the whole-image budget, leaving GRPO and zooming something to improve. Under the zoom system prompt
 some items also demonstrate the zoom tool (a jittered box around the lesion, the crop observed,
 then the rationale), so the zooming explore options start from a policy that can write a box.
 """
