@@ -91,6 +91,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             if cfg.validate_before_training and resume is None:
                 trainer.validate(module, datamodule=datamodule, verbose=False)
+            if cfg.test_before_training and cfg.test_after_training and resume is None:  # the start, at step 0
+                trainer.test(module, datamodule=datamodule, verbose=False)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
             if cfg.test_after_training:

@@ -44,3 +44,18 @@ def test_eval_logs_accuracy_per_type_and_the_answer_spread_and_warns_on_collapse
     assert 0.0 <= metrics["val/answer/entropy"] <= math.log2(6)
     assert {"train/answer/entropy", "train/answer/top_share"} <= set(metrics)
     assert any("collapsed onto one letter" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_tests_its_start_and_end_and_prints_both(tmp_path, cache_dir, capsys):
+    overrides = [*TWO_STEPS, "validate_before_training=true", "test_before_training=true", "test_after_training=true"]
+    cfg = compose_cfg(overrides, tmp_path, cache_dir)
+    run(cfg)
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    history = sorted(client.get_metric_history(found.info.run_id, "test/acc"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 2]  # the starting policy, then the trained one
+    assert found.data.metrics["test/acc"] == history[-1].value  # the run's test/acc is the trained policy's
+    val = sorted(client.get_metric_history(found.info.run_id, "val/acc"), key=lambda m: m.step)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.split()[:1] == ["acc"])
+    assert line.split() == ["acc", f"{val[0].value:.3f}", "->", f"{val[-1].value:.3f}", "|",
+                            f"{history[0].value:.3f}", "->", f"{history[-1].value:.3f}"]

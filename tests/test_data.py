@@ -107,7 +107,9 @@ def test_lesion_lies_in_bbox_and_answers_match_its_position(items):
         height, width = pixels.shape
         x1, y1, x2, y2 = record["bbox"]
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
-        assert 14 <= x2 - x1 <= 40 and 14 <= y2 - y1 <= 40
+        # the lesion's side, plus the dots (3 px away, 3 px wide) on one side and a 2 px margin around
+        low, high = synthetic._LESION_SIDES
+        assert low + 4 <= min(x2 - x1, y2 - y1) and max(x2 - x1, y2 - y1) <= high - 1 + 4 + 6
         frame = np.zeros(pixels.shape, bool)
         frame[max(0, y1 - 6) : y2 + 6, max(0, x1 - 6) : x2 + 6] = True
         frame[y1:y2, x1:x2] = False

@@ -36,7 +36,8 @@ def test_tiny_model_loads_with_plain_transformers(tmp_path, cache_dir, tiny):
 @pytest.mark.slow
 def test_corrupt_or_partial_cache_is_detected_and_rebuilt(tmp_path):
     # a barely warm-started variant: this test is about the cache, not the policy
-    cheap = ["model.warm_start.steps=2", "model.warm_start.items=16", "model.vision_pretraining.steps=2"]
+    cheap = ["model.warm_start.steps=2", "model.warm_start.items=16", "model.vision_pretraining.steps=2",
+             "model.vision_pretraining.items=8"]
     spec = instantiate(compose_cfg(cheap, tmp_path, tmp_path / "cache").model)
     built = Path(spec.check())
     assert TinyQwen2VL.is_valid(built)

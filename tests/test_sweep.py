@@ -24,7 +24,7 @@ def test_params_are_the_short_list_and_the_swept_keys(tmp_path):
     params = run_params(cfg, choices, ["reward", "algo.epsilon_low"])
     assert params == {
         "reward": "r1", "explore": "none", "model": "tiny", "data": "synthetic", "algo": "grpo",
-        "seed": "0", "optimizer/lr": "0.0002", "algo/group_size": "4", "algo/beta": "0.04", "algo/loss_type": "grpo",
+        "seed": "0", "optimizer/lr": "0.0001", "algo/group_size": "4", "algo/beta": "0.04", "algo/loss_type": "grpo",
         "algo/temperature": "1.0", "explore/max_new_tokens": "64", "trainer/max_steps": str(cfg.trainer.max_steps),
         "algo/epsilon_low": "0.3",
     }

@@ -52,3 +52,22 @@ def test_pretraining_trains_the_tower_and_lowers_the_probe_loss(tiny):
     after = model.model.visual.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
     assert torch.equal(text_before, model.model.language_model.layers[0].mlp.up_proj.weight)  # the tower alone
+
+
+def test_warm_start_weighs_the_answer_letter_and_only_policy_tokens(tiny):
+    from medvr.models.tiny_build import _batches, _demonstration
+
+    _, processor, prompt = tiny
+    tok = processor.tokenizer
+    items = synthetic.generate(3, seed=0, split="warmstart")
+    demos = [_demonstration(it, prompt, processor, None, {"rate": 0.0}, random.Random(0)) for it in items]
+    open_id = tok.convert_tokens_to_ids("<answer>")
+    ((enc, weights),) = _batches(demos, 8, tok.pad_token_id, {open_id: 4.0})
+    ids = enc["input_ids"]
+    for row, item in zip(range(len(items)), items):
+        letter_at = (ids[row, :-1] == open_id).nonzero()[-1, 0].item()  # the prompt's format line names it too
+        assert tok.decode(ids[row, letter_at + 1]) == item.record["answer"]
+        assert weights[row, letter_at + 1] == 4.0
+        policy = weights[row] > 0
+        assert tok.decode(ids[row][policy]).startswith("<think>")  # the prompt weighs nothing
+        assert set(weights[row][policy].tolist()) == {1.0, 4.0} and (weights[row] == 4.0).sum() == 1

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from medvr.data.schema import LETTERS, records_dataset
 
-GENERATOR_VERSION = 4  # part of the cache key: bump whenever drawing or questions change
+GENERATOR_VERSION = 5  # part of the cache key: bump whenever drawing or questions change
 SIZES = ((256, 256), (288, 256), (256, 320), (320, 288))  # (width, height)
 MODALITIES = ("MRI", "CT", "X-ray")
 SHAPES = ("round", "square", "triangle", "cross")
@@ -47,6 +47,8 @@ QUESTIONS = {
 }
 _MARKER = "COMPLETE"  # written last into a cache dir; without it the cache is rebuilt
 _ON, _OFF, _DOT = 245.0, 160.0, 250.0  # lesion gray levels: bright texture, dim texture, dots
+_DOT_SIDE, _DOT_STEP = 3, 6  # satellite dots: side and pitch in px (one pixel each at the whole-image budget)
+_LESION_SIDES = (22, 34)  # lesion side in px, [low, high): about one merged token at the whole-image budget
 
 
 @dataclass
@@ -191,16 +193,16 @@ def _place(rng, allowed, s, count):
     """
     h, w = allowed.shape
     ys, xs = np.nonzero(allowed)
-    along = np.arange(count) * 4 + (s - 4 * count + 2) // 2  # dots every 4 px, centred on a side
+    along = np.arange(count) * _DOT_STEP + (s - _DOT_STEP * count + _DOT_STEP - _DOT_SIDE) // 2  # centred on a side
     for _ in range(100):
         k = rng.integers(len(ys))
         x0, y0 = int(xs[k]) - s // 2, int(ys[k]) - s // 2
-        across = s + 3 if rng.random() < 0.5 else -5  # 3 px beyond the far or the near edge
+        across = s + 3 if rng.random() < 0.5 else -3 - _DOT_SIDE  # 3 px beyond the far or the near edge
         if rng.random() < 0.5:
             dots = [(x0 + across, y0 + int(a)) for a in along]  # right or left of the lesion
         else:
             dots = [(x0 + int(a), y0 + across) for a in along]  # below or above it
-        corners = [(x0, y0), (x0 + s, y0 + s), *dots, *((x + 2, y + 2) for x, y in dots)]
+        corners = [(x0, y0), (x0 + s, y0 + s), *dots, *((x + _DOT_SIDE, y + _DOT_SIDE) for x, y in dots)]
         (x1, y1), (x2, y2) = np.min(corners, axis=0) - 2, np.max(corners, axis=0) + 2
         inside = x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h
         if inside and (x2 <= w / 2 or x1 >= w / 2) and (y2 <= h / 2 or y1 >= h / 2):
@@ -257,13 +259,13 @@ def _item(i, seed, split):
     count = 1 + _balanced(seed, split, i, 4, salt=5)
     quadrant = _balanced(seed, split, i, len(QUADRANTS), salt=6)  # QUADRANTS order: upper/lower x left/right
     allowed = allowed & ((yy >= h / 2) == (quadrant >= 2)) & ((xx >= w / 2) == (quadrant % 2 == 1))
-    s = int(rng.integers(14, 25))
+    s = int(rng.integers(*_LESION_SIDES))
     x0, y0, dots, box = _place(rng, allowed, s, count)
     patch = _lesion(shape, texture, s)
     region = img[y0 : y0 + s, x0 : x0 + s]
     region[:] = np.where(np.isnan(patch), region, patch)
     for dx, dy in dots:
-        img[dy : dy + 2, dx : dx + 2] = _DOT
+        img[dy : dy + _DOT_SIDE, dx : dx + _DOT_SIDE] = _DOT
     if modality == "CT":
         img += 10.0 * rng.standard_normal(img.shape)  # CT grain also covers the lesion
     else:

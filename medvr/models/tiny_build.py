@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
     Qwen2VLConfig,
@@ -58,8 +59,9 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
     )
     env = _zoom_env(processor, prompt, ws, params)
     vp = params["vision_pretraining"]
-    if vp["steps"] > 0:
-        data = views(items, processor, env, ws["zoom"]["jitter"], random.Random(params["seed"]))
+    if vp["steps"] > 0:  # on a pool of its own: the tower sees many more images than the warm start has
+        seen = synthetic.generate(vp["items"], seed=params["seed"], split="visionpretraining")
+        data = views(seen, processor, env, ws["zoom"]["jitter"], random.Random(params["seed"]))
         pretrain_vision(model, data, vp["steps"], vp["batch_size"], vp["lr"], params["seed"])
     tower = list(model.model.visual.parameters())
     for p in tower if vp["steps"] > 0 else []:  # a pretrained tower stays as it is: stage 2 trains the rest
@@ -138,20 +140,24 @@ def _zoom_env(processor, prompt: PromptBuilder, ws: dict, params: dict) -> ZoomE
     )
 
 
-def _batches(demos: list[Trajectory], batch_size: int, pad_id: int) -> list[tuple[dict, torch.Tensor]]:
-    """(model inputs, labels) per batch; labels are -100 except on policy tokens. Demonstrations with
-    a second image (zooms, twice as long) get batches of their own: no row pads to their length."""
+def _batches(demos: list[Trajectory], batch_size: int, pad_id: int, weigh: dict[int, float]) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs, per-token loss weights) per batch. A policy token weighs 1, or `weigh[previous token]`
+    (the answer letter after `<answer>`); every other token 0. Demonstrations with a second image
+    (zooms, twice as long) get batches of their own: no row pads to their length."""
     batches = []
     for group in ([d for d in demos if len(d.grids) == 1], [d for d in demos if len(d.grids) > 1]):
         for start in range(0, len(group), batch_size):
             batch = assemble(group[start : start + batch_size], pad_id, 1, "cpu")
-            batches.append((batch.model_inputs(), torch.where(batch.loss_mask.bool(), batch.input_ids, -100)))
+            weights = batch.loss_mask.float()
+            for token, weight in weigh.items():
+                weights[:, 1:] *= torch.where(batch.input_ids[:, :-1] == token, weight, 1.0)
+            batches.append((batch.model_inputs(), weights))
     random.Random(1).shuffle(batches)
     return batches
 
 
 def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
-    """Teacher-forced cross-entropy over `batches` (cycled) for `steps` AdamW steps, warm-up then cosine."""
+    """Weighted teacher-forced cross-entropy over `batches` (cycled) for `steps` AdamW steps, warm-up then cosine."""
     trained = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -160,8 +166,10 @@ def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
     model.train()
     t0 = time.time()
     for step in range(steps):
-        enc, labels = batches[step % len(batches)]
-        loss = model(**enc, labels=labels).loss
+        enc, weights = batches[step % len(batches)]
+        logits = model(**enc).logits[:, :-1]  # position t predicts token t + 1
+        nll = F.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+        loss = (nll * weights[:, 1:]).sum() / weights[:, 1:].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optim.step()
@@ -180,4 +188,5 @@ def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, 
         _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
         for it in items
     ]
-    _fit(model, _batches(demos, ws["batch_size"], pad), ws["steps"], ws["lr"], "warm start")
+    weigh = {processor.tokenizer.convert_tokens_to_ids("<answer>"): ws["answer_weight"]}
+    _fit(model, _batches(demos, ws["batch_size"], pad, weigh), ws["steps"], ws["lr"], "warm start")

@@ -121,7 +121,7 @@ def pretrain_vision(model, data: list[dict], steps: int, batch_size: int, lr: fl
     losses = []
     inner.visual.train()
     for step in range(steps):
-        batch = order.sample(data, batch_size)
+        batch = order.sample(data, min(batch_size, len(data)))
         pixels = torch.cat([v["pixel_values"] for v in batch])
         grids = torch.cat([v["grid"] for v in batch])
         tokens = inner.get_image_features(pixels, grids, return_dict=True).pooler_output

@@ -205,15 +205,16 @@ def record_kill(logger: RunLogger, signal_name: str, step: int, checkpoint: str 
 
 
 def progress_summary(logger: RunLogger) -> str:
-    """Start (first evaluation) and end (last evaluation, test) of every accuracy and answer-spread metric."""
+    """Start and end of every accuracy and answer-spread metric: first -> last validation, and the test
+    split before (when `test_before_training` evaluated it) -> after training."""
     client, run_id = logger.experiment, logger.run_id
     keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(("val/acc", "val/answer/")))
-    lines = ["what the run learned (first validation -> last validation | test):"]
+    lines = ["what the run learned (validation: first -> last | test: before -> after training):"]
     for key in keys:
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        test = client.get_run(run_id).data.metrics.get("test/" + key.removeprefix("val/"))
-        end = f" | {test:.3f}" if test is not None else ""
-        lines.append(f"  {key:<28} {history[0].value:.3f} -> {history[-1].value:.3f}{end}")
+        tests = sorted(client.get_metric_history(run_id, "test/" + key.removeprefix("val/")), key=lambda m: m.step)
+        end = f" | {' -> '.join(f'{m.value:.3f}' for m in tests[:1] + tests[1:][-1:])}" if tests else ""
+        lines.append(f"  {key.removeprefix('val/'):<24} {history[0].value:.3f} -> {history[-1].value:.3f}{end}")
     return "\n".join(lines)
 
 
