@@ -24,6 +24,7 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISIO
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from medvr.data.synthetic import QUESTION_TYPES
 from medvr.explore.triggers import THRESHOLD_MODES
 from medvr.explore.zoom import RESIZED
 from medvr.grpo import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
@@ -180,7 +181,7 @@ RULES: dict[str, Rule] = {
     "explore.env.upscale": POSITIVE,
     # model
     "model.dtype": choice("float32", "bfloat16", "float16", "auto"),
-    "model.attn_implementation": choice("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"),
+    "model.attn_implementation": choice("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"),
     "model.min_pixels": POSITIVE_INT,
     "model.max_pixels": POSITIVE_INT,
     "model.freeze_vision": boolean(),
@@ -222,6 +223,7 @@ RULES: dict[str, Rule] = {
     "data.source.n_test": POSITIVE_INT,
     "data.max_image_pixels": optional(POSITIVE_INT),
     "data.source.seed": integer(),
+    "data.source.question_types": optional(sequence(choice(*QUESTION_TYPES))),
     # trainer (lightning.pytorch.Trainer arguments)
     "trainer.accelerator": choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
     "trainer.devices": any_of(

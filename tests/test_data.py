@@ -291,3 +291,15 @@ def test_datamodule_fails_at_setup_on_a_bad_row():
     with pytest.raises(ValueError, match="no 'train' split.*data.source.splits.train"):
         VQADataModule(test_only, batch_size=2, eval_batch_size=2).train_dataloader()
 
+
+
+def test_question_types_ask_only_those_in_turns_and_a_bad_one_is_named(tmp_path):
+    items = generate(12, seed=0, split="train", question_types=["modality", "side"])
+    assert collections.Counter(it.record["question_type"] for it in items) == {"modality": 6, "side": 6}
+    full = generate(12, seed=0, split="train")
+    assert len({it.record["question_type"] for it in full}) == 6
+    with pytest.raises(ValueError, match=r"question_types=\['colour'\].*quadrant"):
+        SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path), question_types=["colour"])
+    one = SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path), question_types=["count"])
+    assert one.cache_path != SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path)).cache_path
+    assert set(one.load()["test"]["question_type"]) == {"count"}

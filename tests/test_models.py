@@ -93,3 +93,20 @@ def test_a_truncated_weights_file_or_bad_config_is_named_by_check(tmp_path):
     config = re.escape(str(model_dir / "config.json"))
     with pytest.raises(CorruptCheckpointError, match=rf"{config} cannot be read as JSON"):
         spec.check()
+
+
+def test_auto_attention_takes_flash_attention_only_where_it_runs(monkeypatch):
+    import importlib.util
+
+    from medvr.models import spec
+
+    assert spec._auto_attention("eager", torch.bfloat16) == "eager"  # a named choice is kept
+    found = {"flash_attn": object()}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: found.get(name))
+    for cuda, dtype, expected in [(True, torch.bfloat16, "flash_attention_2"), (True, torch.float16, "flash_attention_2"),
+                                  (True, torch.float32, "sdpa"), (False, torch.bfloat16, "sdpa")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert spec._auto_attention("auto", dtype) == expected
+    found.clear()  # not installed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert spec._auto_attention("auto", torch.bfloat16) == "sdpa"

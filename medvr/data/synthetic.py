@@ -246,10 +246,10 @@ def _question(kind, facts, rng):
     return question, options, LETTERS[options.index(correct)], rationale
 
 
-def _item(i, seed, split):
+def _item(i, seed, split, types=QUESTION_TYPES):
     rng = np.random.default_rng([seed % 2**32, _split_key(split), i])
     modality = MODALITIES[_balanced(seed, split, i, len(MODALITIES), salt=1)]
-    kind = QUESTION_TYPES[_balanced(seed, split, i, len(QUESTION_TYPES), salt=2)]
+    kind = types[_balanced(seed, split, i, len(types), salt=2)]
     w, h = SIZES[int(rng.integers(len(SIZES)))]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img, allowed = _DRAW[modality](rng, xx, yy)
@@ -280,9 +280,16 @@ def _item(i, seed, split):
     return SyntheticItem(record=record, rationale=rationale, facts=facts)
 
 
-def generate(n: int, seed: int, split: str = "train") -> list[SyntheticItem]:
-    """n records, deterministic in (n, seed, split); item i depends only on (seed, split, i)."""
-    return [_item(i, seed, split) for i in range(n)]
+def generate(n: int, seed: int, split: str = "train", question_types=QUESTION_TYPES) -> list[SyntheticItem]:
+    """n records, deterministic in (n, seed, split, question_types); item i depends only on those and i.
+
+    `question_types` (a subset of QUESTION_TYPES) asks only those, in balanced turns.
+    """
+    types = tuple(question_types)
+    unknown = sorted(set(types) - set(QUESTION_TYPES))
+    if unknown or not types:
+        raise ValueError(f"question_types={list(types)}: each must be one of {list(QUESTION_TYPES)} ({unknown} is not)")
+    return [_item(i, seed, split, types) for i in range(n)]
 
 
 def corpus_texts(n: int, seed: int) -> list[str]:
@@ -306,20 +313,24 @@ class SyntheticVQA:
 
     name = "synthetic"
 
-    def __init__(self, n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str):
+    def __init__(self, n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str, question_types=None):
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.seed = seed
+        self.question_types = tuple(question_types or QUESTION_TYPES)
+        generate(0, seed, question_types=self.question_types)  # a bad type fails here, before any work
         self.cache_dir = Path(cache_dir)
 
     @property
     def cache_path(self) -> Path:
         params = {**self.sizes, "seed": self.seed, "version": GENERATOR_VERSION}
+        if self.question_types != QUESTION_TYPES:  # the default keeps the key it always had
+            params["question_types"] = list(self.question_types)
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
         return self.cache_dir / f"synthetic-{key}"
 
     def build(self) -> datasets.DatasetDict:
         return datasets.DatasetDict({
-            split: records_dataset([item.record for item in generate(n, self.seed, split)])
+            split: records_dataset([item.record for item in generate(n, self.seed, split, self.question_types)])
             for split, n in self.sizes.items()
         })
 

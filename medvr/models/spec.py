@@ -6,6 +6,7 @@ any expensive work so an unreachable checkpoint fails first) and `load()` builds
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -83,6 +84,14 @@ def _auto_dtype(name: str) -> torch.dtype:
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else torch.float32
     return getattr(torch, name)
+
+
+def _auto_attention(name: str, dtype: torch.dtype) -> str:
+    """`auto`: flash-attention 2 where it can run (installed, a CUDA device, a 16-bit dtype), else sdpa."""
+    if name != "auto":
+        return name
+    usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return "flash_attention_2" if usable and dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
 
 class ModelSpec:
@@ -185,7 +194,8 @@ class ModelSpec:
                 "model.box_scale=%s, but %s was pretrained on boxes with box_scale=%s: the policy has to learn "
                 "the new convention", self.box_scale, self.hub_id, fam.box_scale,
             )
-        kwargs = {"dtype": _auto_dtype(self.dtype), "attn_implementation": self.attn_implementation}
+        dtype = _auto_dtype(self.dtype)
+        kwargs = {"dtype": dtype, "attn_implementation": _auto_attention(self.attn_implementation, dtype)}
         if self.quantization is not None:
             kwargs["quantization_config"] = self._quantization_config()
         model = AutoModelForImageTextToText.from_pretrained(local, **kwargs)
