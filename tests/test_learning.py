@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-
 from conftest import FAST_MODEL, compose_cfg
+
 from medvr.train import run
 
 STEPS = 40

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_MODEL, compose_cfg
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
-from conftest import FAST_MODEL, compose_cfg
 from medvr.models.spec import CorruptCheckpointError, ModelUnavailableError
 from medvr.models.tiny import MANIFEST, TinyQwen2VL
 
