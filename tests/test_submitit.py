@@ -33,6 +33,8 @@ def test_medvr_slurm_submits_one_array_of_one_gpu_jobs(tmp_path, monkeypatch):
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {script}\necho "sbatch: refused by the test" >&2\nexit 1\n')
     (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit >= 1.5.4 refuses a machine without srun
+    (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cfg = compose_cfg(["hydra/launcher=medvr_slurm", "hydra.launcher.partition=gpu"], tmp_path, tmp_path / "cache")
     launcher = instantiate(cfg.hydra.launcher)
