@@ -62,7 +62,7 @@ def test_warm_start_weighs_the_answer_letter_and_only_policy_tokens(tiny):
     items = synthetic.generate(3, seed=0, split="warmstart")
     demos = [_demonstration(it, prompt, processor, None, {"rate": 0.0}, random.Random(0)) for it in items]
     open_id = tok.convert_tokens_to_ids("<answer>")
-    ((enc, weights),) = _batches(demos, 8, tok.pad_token_id, {open_id: 4.0})
+    ((enc, weights),) = _batches(demos, 8, tok.pad_token_id, open_id, 4.0)
     ids = enc["input_ids"]
     for row, item in zip(range(len(items)), items):
         letter_at = (ids[row, :-1] == open_id).nonzero()[-1, 0].item()  # the prompt's format line names it too

@@ -285,11 +285,16 @@ def generate(n: int, seed: int, split: str = "train", question_types=QUESTION_TY
 
     `question_types` (a subset of QUESTION_TYPES) asks only those, in balanced turns.
     """
+    types = _checked_types(question_types)
+    return [_item(i, seed, split, types) for i in range(n)]
+
+
+def _checked_types(question_types) -> tuple[str, ...]:
     types = tuple(question_types)
     unknown = sorted(set(types) - set(QUESTION_TYPES))
     if unknown or not types:
         raise ValueError(f"question_types={list(types)}: each must be one of {list(QUESTION_TYPES)} ({unknown} is not)")
-    return [_item(i, seed, split, types) for i in range(n)]
+    return types
 
 
 def corpus_texts(n: int, seed: int) -> list[str]:
@@ -316,8 +321,7 @@ class SyntheticVQA:
     def __init__(self, n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str, question_types=None):
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.seed = seed
-        self.question_types = tuple(question_types or QUESTION_TYPES)
-        generate(0, seed, question_types=self.question_types)  # a bad type fails here, before any work
+        self.question_types = _checked_types(question_types or QUESTION_TYPES)  # a bad type fails before any work
         self.cache_dir = Path(cache_dir)
 
     @property

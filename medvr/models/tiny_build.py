@@ -140,17 +140,16 @@ def _zoom_env(processor, prompt: PromptBuilder, ws: dict, params: dict) -> ZoomE
     )
 
 
-def _batches(demos: list[Trajectory], batch_size: int, pad_id: int, weigh: dict[int, float]) -> list[tuple[dict, torch.Tensor]]:
-    """(model inputs, per-token loss weights) per batch. A policy token weighs 1, or `weigh[previous token]`
-    (the answer letter after `<answer>`); every other token 0. Demonstrations with a second image
+def _batches(demos: list[Trajectory], batch_size: int, pad_id: int, answer_id: int, answer_weight: float) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs, per-token loss weights) per batch. A policy token weighs 1, the answer letter (the
+    token after `answer_id`) `answer_weight`, every other token 0. Demonstrations with a second image
     (zooms, twice as long) get batches of their own: no row pads to their length."""
     batches = []
     for group in ([d for d in demos if len(d.grids) == 1], [d for d in demos if len(d.grids) > 1]):
         for start in range(0, len(group), batch_size):
             batch = assemble(group[start : start + batch_size], pad_id, 1, "cpu")
             weights = batch.loss_mask.float()
-            for token, weight in weigh.items():
-                weights[:, 1:] *= torch.where(batch.input_ids[:, :-1] == token, weight, 1.0)
+            weights[:, 1:] *= torch.where(batch.input_ids[:, :-1] == answer_id, answer_weight, 1.0)
             batches.append((batch.model_inputs(), weights))
     random.Random(1).shuffle(batches)
     return batches
@@ -188,5 +187,5 @@ def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, 
         _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
         for it in items
     ]
-    weigh = {processor.tokenizer.convert_tokens_to_ids("<answer>"): ws["answer_weight"]}
-    _fit(model, _batches(demos, ws["batch_size"], pad, weigh), ws["steps"], ws["lr"], "warm start")
+    answer_id = processor.tokenizer.convert_tokens_to_ids("<answer>")
+    _fit(model, _batches(demos, ws["batch_size"], pad, answer_id, ws["answer_weight"]), ws["steps"], ws["lr"], "warm start")

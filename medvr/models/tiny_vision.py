@@ -2,12 +2,13 @@
 
 A real base VLM reaches RL with a vision encoder pretrained on images at every scale. The tiny
 model's random tower cannot learn to see from a few hundred text-supervised steps, so the build
-first trains it alone, with small probe heads on its merged tokens, on two views of every
-warm-start item: the whole image at the model's pixel budget and a crop around the finding as the
-zoom tool shows it. The probes ask for everything the questions ask: which tokens hold the lesion
-(its location), the modality, and the lesion's shape, texture and dot count. Nothing decides which
-facts are readable at which scale: the pixels do. At the whole-image budget the lesion spans less
-than one merged token and its texture, outline and dots blur away; in the crop they are resolved.
+first trains it alone, with small probe heads on its merged tokens, on two views of every item of
+a pool of its own (`vision_pretraining.items`, a split nothing else sees): the whole image at the
+model's pixel budget and a crop around the finding as the zoom tool shows it. The probes ask for
+everything the questions ask: which tokens hold the lesion (its location), the modality, and the
+lesion's shape, texture and dot count. Nothing decides which facts are readable at which scale: the
+pixels do. At the whole-image budget the lesion spans about one merged token and its texture, outline
+and dots blur away; in the crop they are larger.
 The probe heads are discarded; only the tower's weights stay in the checkpoint.
 """
 
