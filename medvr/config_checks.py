@@ -135,6 +135,7 @@ RULES: dict[str, Rule] = {
     "test_before_training": boolean(),
     "test_after_training": boolean(),
     "collapse_share": FRACTION,
+    "eval_samples": COUNT,
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.betas.0": number(0, 1, max_open=True),

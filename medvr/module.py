@@ -37,6 +37,7 @@ from medvr.scoring import metrics as eval_metrics
 log = logging.getLogger(__name__)
 
 # dataset columns handed to reward functions (TRL passes every dataset column the same way)
+_EVAL_SEED = 20_240_611  # seeds the sampled evaluation (per batch), apart from the training seed
 REWARD_COLUMNS = ("id", "question", "options", "answer", "answer_type", "modality", "bbox", "boxes")
 
 
@@ -62,6 +63,7 @@ class GRPOModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         samples_to_keep: int = 4,
         collapse_share: float = 0.8,
+        eval_samples: int = 0,
     ):
         super().__init__()
         self.spec = model
@@ -75,6 +77,7 @@ class GRPOModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.samples_to_keep = samples_to_keep
         self.collapse_share = collapse_share
+        self.eval_samples = eval_samples
         self.automatic_optimization = False
         # a list hides the frozen copy from nn.Module registration: no state_dict, no checkpoint
         self._frozen_ref: list[torch.nn.Module] = []
@@ -86,6 +89,7 @@ class GRPOModule(L.LightningModule):
         self._entropy_kept = 1.0  # fraction of policy tokens above the entropy quantile
         self._reward_stats: dict[str, float] = {}  # monitors of the last reward call (train/cca/*)
         self._eval = Tally()  # per group of eval rows (all, modality, question type, answer type): score sums
+        self._sampled = Tally()  # the same over `eval_samples` sampled answers per row
         self._answers = torch.zeros(2, len(ANSWERS))  # [chosen, key] counts per answer letter (choice rows)
         self.nonfinite_steps = 0  # updates skipped because the loss or the gradient norm was NaN/inf
         self._nonfinite_in_a_row = 0
@@ -305,10 +309,10 @@ class GRPOModule(L.LightningModule):
 
     # --- evaluation ------------------------------------------------------------------------------
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx)
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -317,8 +321,9 @@ class GRPOModule(L.LightningModule):
         self._log_eval("test")
 
     @torch.no_grad()
-    def _eval_step(self, batch: list[dict]) -> None:
-        """Greedy decoding, each answer scored as MedVLM-R1's evaluation does (medvr/scoring.py)."""
+    def _eval_step(self, batch: list[dict], batch_idx: int) -> None:
+        """Greedy decoding, each answer scored as MedVLM-R1's evaluation does (medvr/scoring.py); with
+        `eval_samples` = k, also k answers per row sampled at the training temperature (what GRPO optimises)."""
         rollouts = self.explore.rollout(
             self.policy, self.processor, self.prompt, batch, group_size=1, temperature=1.0, greedy=True
         )
@@ -329,6 +334,16 @@ class GRPOModule(L.LightningModule):
                 letter = scored.answer if scored.answer in ANSWERS else "-"
                 self._answers[0, ANSWERS.index(letter)] += 1
                 self._answers[1, ANSWERS.index(record["answer"])] += 1
+        if self.eval_samples:
+            k = self.eval_samples
+            # the same draws at every evaluation (so before and after training are paired); training's RNG untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_EVAL_SEED + batch_idx)
+                rollouts = self.explore.rollout(
+                    self.policy, self.processor, self.prompt, batch, group_size=k, temperature=self.algo.temperature
+                )
+            for i, completion in enumerate(rollouts.completions):
+                self._sampled.add(batch[i // k], score(batch[i // k], completion))
 
     def _log_eval(self, split: str) -> None:
         names, sums = self._eval.table(union_over_ranks(sorted(self._eval.sums)))  # same rows on every rank
@@ -336,6 +351,8 @@ class GRPOModule(L.LightningModule):
         answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()  # [2, A]
         metrics = eval_metrics(names, sums, split)
         metrics.pop(f"{split}/n", None)
+        if self.eval_samples:
+            metrics |= self._sampled_metrics(split)
         chosen = Counter({a: int(c) for a, c in zip(ANSWERS, answers[0]) if c > 0})
         keys = Counter({a: int(c) for a, c in zip(ANSWERS, answers[1]) if c > 0})
         stats = letter_stats(chosen, keys)
@@ -344,6 +361,7 @@ class GRPOModule(L.LightningModule):
         self.log_dict(metrics, logger=False)  # for checkpoint monitors and callback_metrics
         self._log_at_step(metrics)
         self._eval.clear()
+        self._sampled.clear()
         self._answers.zero_()
         if math.isfinite(metrics.get(f"{split}/acc", math.nan)):
             self.print(f"{split}/acc {metrics[f'{split}/acc']:.3f}  format {metrics[f'{split}/format']:.3f}")
@@ -354,3 +372,14 @@ class GRPOModule(L.LightningModule):
                 "it has collapsed onto one letter, and its accuracy measures the key distribution, not reading",
                 split, letter, 100 * stats["top_share"], 100 * stats["top_key_share"],
             )
+
+    def _sampled_metrics(self, split: str) -> dict[str, float]:
+        """`{split}/acc_sampled` and its per-group rows: the mean accuracy of the sampled answers (avg@k)."""
+        names, sums = self._sampled.table(union_over_ranks(sorted(self._sampled.sums)))
+        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        prefix = f"{split}/acc"
+        return {
+            f"{split}/acc_sampled{key.removeprefix(prefix)}": value
+            for key, value in eval_metrics(names, sums, split).items()
+            if key == prefix or key.startswith(prefix + "/")
+        }

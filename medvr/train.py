@@ -83,7 +83,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             datamodule = instantiate(cfg.data)
             datamodule.setup("fit")
             parts["reward"].check_data(datamodule.splits, datamodule.source.name)
-            module = parts["algo"].module_class(model=spec, collapse_share=cfg.collapse_share, **parts)
+            module = parts["algo"].module_class(
+                model=spec, collapse_share=cfg.collapse_share, eval_samples=cfg.eval_samples, **parts)
             callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
             callbacks += [resuming.ResumeState(logger.run_id, settings), stop]
             trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)

@@ -59,3 +59,26 @@ def test_a_run_tests_its_start_and_end_and_prints_both(tmp_path, cache_dir, caps
     line = next(x for x in capsys.readouterr().out.splitlines() if x.split()[:1] == ["acc"])
     assert line.split() == ["acc", f"{val[0].value:.3f}", "->", f"{val[-1].value:.3f}", "|",
                             f"{history[0].value:.3f}", "->", f"{history[-1].value:.3f}"]
+
+
+def test_sampled_evaluation_scores_k_answers_per_row_and_leaves_training_as_it_was(tmp_path, cache_dir):
+    """eval_samples=k logs val/acc_sampled (avg@k, per type too) without changing what training samples."""
+    overrides = [*TWO_STEPS, "trainer.max_steps=1", "validate_before_training=true"]
+    found = {}
+    for k in (0, 3):
+        cfg = compose_cfg([*overrides, f"eval_samples={k}"], tmp_path / str(k), cache_dir)
+        run(cfg)
+        client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+        (found[k],) = client.search_runs([client.get_experiment_by_name("medvr").experiment_id])
+    sampled, greedy = found[3].data.metrics, found[0].data.metrics
+    assert "val/acc_sampled" not in greedy
+    n_val = cfg.data.source.n_val
+    assert sampled["val/acc_sampled"] * 3 * n_val == pytest.approx(round(sampled["val/acc_sampled"] * 3 * n_val))
+    val = synthetic.generate(n_val, cfg.data.source.seed, "val")
+    types = Counter(item.record["question_type"] for item in val)
+    weighted = sum(sampled[f"val/acc_sampled/type/{t}"] * n for t, n in types.items()) / n_val
+    assert weighted == pytest.approx(sampled["val/acc_sampled"])  # the per-type rows add up to the total
+    assert sampled["val/acc"] == greedy["val/acc"]  # the greedy answers are the same ones
+    # sampling at evaluation draws from a seed of its own: the training step samples the same rollouts
+    for key in ("train/reward", "train/loss", "train/completion_length"):
+        assert sampled[key] == greedy[key], key
