@@ -21,7 +21,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # a quicker warm start than the demo's: tests need a well-formed policy, not a good one
 FAST_MODEL = ["model.warm_start.steps=100", "model.warm_start.items=256", "model.vision_pretraining.steps=20",
               "model.vision_pretraining.items=64",
-              "model.vision.depth=2"]
+              "model.vision.depth=2", "model.freeze_vision=false"]
 SMALL_DATA = ["data.source.n_train=32", "data.source.n_val=8", "data.source.n_test=8"]
 # two quick training steps, no evaluation before or after
 TWO_STEPS = [

@@ -72,6 +72,15 @@ def test_generate_is_deterministic_per_seed_and_split():
             assert pixels_a.shape != pixels_b.shape or not np.array_equal(pixels_a, pixels_b)
 
 
+def test_generate_in_worker_processes_draws_the_same_items():
+    serial, parallel = generate(200, seed=3, split="train"), generate(200, seed=3, split="train", workers=2)
+    assert len(parallel) == 200
+    for a, b in zip(serial, parallel):
+        assert np.array_equal(np.asarray(a.record["image"]), np.asarray(b.record["image"]))
+        assert {k: v for k, v in a.record.items() if k != "image"} == {k: v for k, v in b.record.items() if k != "image"}
+        assert (a.rationale, a.facts) == (b.rationale, b.facts)
+
+
 def test_question_mix_answers_and_rationales(items):
     kinds = collections.Counter(_kind(it.record["question"]) for it in items)
     assert set(kinds) == set(synthetic.QUESTION_TYPES)

@@ -19,10 +19,10 @@ def test_grpo_learns_to_read_the_modality_and_does_not_collapse(tmp_path, cache_
         # the modality decides the key's letter (MRI A, CT B, X-ray C; D is never right)
         "data.source.question_types=[modality]",
         "data.source.n_train=256", "data.source.n_val=8", "data.source.n_test=48",
-        "data.batch_size=4", "algo.group_size=4", "optimizer.lr=5e-4",
+        "algo=grpo", "data.batch_size=4", "algo.group_size=4", "optimizer.lr=5e-4",
         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "validate_before_training=false", "test_before_training=true", "test_after_training=true",
+        "validate_before_training=false", "test_before_training=true", "test_after_training=true", "eval_samples=0",
     ]
     cfg = compose_cfg(overrides, tmp_path, cache_dir)
     run(cfg)

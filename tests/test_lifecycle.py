@@ -82,7 +82,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, cache_dir):
     run(first)
     last = Path(first.paths.run_dir) / "checkpoints" / "last.ckpt"
     other = compose_cfg([*FOUR_STEPS, "optimizer.lr=1e-3", f"ckpt_path={last}"], tmp_path, cache_dir)
-    with pytest.raises(ValueError, match=r"optimizer.lr: 0.0001 -> 0.001"):
+    with pytest.raises(ValueError, match=r"optimizer.lr: 0.0003 -> 0.001"):
         run(other)
     same = compose_cfg([*FOUR_STEPS, "ckpt_path=last"], tmp_path, cache_dir)
     from medvr.resume import locate

@@ -54,7 +54,7 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
         assert "train/reward" in r.data.metrics and "val/acc" in r.data.metrics
     assert {r.data.tags["reward"] for r in by_status["FINISHED"]} == {"accuracy", "r1"}
     names = {r.info.run_name for r in runs}
-    assert len(names) == 4 and "accuracy-none-tiny-grpo-algo.loss_type=ppo-s0" in names
+    assert len(names) == 4 and "accuracy-none-tiny-grpo_demo-algo.loss_type=ppo-s0" in names
     # one Hydra job directory per job
     assert len(list((tmp_path / "multiruns").glob("*/*/[0-9]"))) == 4
 

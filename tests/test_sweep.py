@@ -24,7 +24,7 @@ def test_params_are_the_short_list_and_the_swept_keys(tmp_path):
     params = run_params(cfg, choices, ["reward", "algo.epsilon_low"])
     assert params == {
         "reward": "r1", "explore": "none", "model": "tiny", "data": "synthetic", "algo": "grpo",
-        "seed": "0", "optimizer/lr": "0.0001", "algo/group_size": "4", "algo/beta": "0.04", "algo/loss_type": "grpo",
+        "seed": "0", "optimizer/lr": "0.0003", "algo/group_size": "4", "algo/beta": "0.3", "algo/loss_type": "grpo",
         "algo/temperature": "1.0", "explore/max_new_tokens": "64", "trainer/max_steps": str(cfg.trainer.max_steps),
         "algo/epsilon_low": "0.3",
     }
@@ -111,7 +111,7 @@ def test_a_multirun_is_one_parent_run_with_the_report(tmp_path, cache_dir):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert artifacts == {f"report/{n}" for n in ("ablation.md", "ablation.csv", "final_val_acc.png", "curves_val_acc.png")}
     table = open(client.download_artifacts(parent.info.run_id, "report/ablation.md", str(tmp_path))).read()
-    assert "| accuracy | none | tiny | grpo | 0,1 |" in table and "| r1 | none | tiny | grpo | 0,1 |" in table
+    assert "| accuracy | none | tiny | grpo_demo | 0,1 |" in table and "| r1 | none | tiny | grpo_demo | 0,1 |" in table
 
     for child in children:
         params = child.data.params

@@ -48,7 +48,7 @@ def test_two_steps_change_the_policy_and_log_everything(tmp_path, cache_dir):
     assert len(rewards) == 2 and all(0.0 <= m.value <= 2.0 for m in rewards)
     val = client.get_metric_history(found.info.run_id, "val/acc")
     assert [m.step for m in val] == [0, 2]  # before training and at the end
-    assert found.data.params["algo/beta"] == "0.04"
+    assert found.data.params["algo/beta"] == "0.3"  # algo=grpo_demo, the default
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
     assert {"config.yaml", "rollouts", "plots"} <= artifacts
     config_text = (tmp_path / "config.yaml")

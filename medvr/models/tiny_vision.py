@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from medvr.data import synthetic
 from medvr.explore.zoom import ZoomEnv
+from medvr.rollout.images import patch_slices
 
 log = logging.getLogger(__name__)
+_ENCODE_CHUNK = 256  # views per image-processor call
 MERGED = 28  # pixels of the resized image per merged vision token side (14 px patches, 2 x 2 merge)
 
 
@@ -41,10 +43,9 @@ class _Probes(nn.Module):
         self.where = nn.Linear(hidden, len(synthetic.QUADRANTS))
 
 
-def _view(item, image, box, processor, whole: bool) -> dict:
-    """Processor inputs for one view plus its labels; `box` is the lesion box in this view's pixels."""
-    enc = processor.image_processor(images=[image], return_tensors="pt")
-    _, gh, gw = enc["image_grid_thw"][0].tolist()
+def _view(item, image, box, pixel_values: Tensor, grid: Tensor, whole: bool) -> dict:
+    """Processor output for one view plus its labels; `box` is the lesion box in this view's pixels."""
+    _, gh, gw = grid[0].tolist()
     rows, cols = gh // 2, gw // 2
     sx, sy = gw * 14 / image.size[0], gh * 14 / image.size[1]  # original -> resized pixels
     x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
@@ -55,8 +56,8 @@ def _view(item, image, box, processor, whole: bool) -> dict:
     # the quadrant each merged token lies in (of a whole image: a crop has no quadrants)
     where = (2 * (ys >= rows * MERGED / 2) + (xs >= cols * MERGED / 2)).flatten() if whole else torch.full((rows * cols,), -100)
     return {
-        "pixel_values": enc["pixel_values"],
-        "grid": enc["image_grid_thw"],
+        "pixel_values": pixel_values,
+        "grid": grid,
         "lesion": overlap.flatten().float(),
         "where": where,
         "modality": synthetic.MODALITIES.index(r["modality"]),
@@ -79,16 +80,23 @@ def jittered_box(record: dict, env: ZoomEnv, jitter: float, rng: random.Random) 
 
 def views(items: list, processor, env: ZoomEnv, jitter: float, rng: random.Random) -> list[dict]:
     """The whole image and one jittered crop around the finding, per item."""
-    out = []
+    shown = []  # (item, image, lesion box in its pixels, whole?) per view
     for item in items:
         image, (x1, y1, x2, y2) = item.record["image"], item.record["bbox"]
-        out.append(_view(item, image, (x1, y1, x2, y2), processor, whole=True))
+        shown.append((item, image, (x1, y1, x2, y2), True))
         crop_box = env.to_pixels(jittered_box(item.record, env, jitter, rng), *image.size)
         crop = env.crop(image, crop_box)
         cx, cy = crop_box[0], crop_box[1]
         fx, fy = crop.size[0] / (crop_box[2] - cx), crop.size[1] / (crop_box[3] - cy)
         inside = ((x1 - cx) * fx, (y1 - cy) * fy, (x2 - cx) * fx, (y2 - cy) * fy)
-        out.append(_view(item, crop, inside, processor, whole=False))
+        shown.append((item, crop, inside, False))
+    out = []
+    for start in range(0, len(shown), _ENCODE_CHUNK):  # one processor call per chunk: per image, it is most of the cost
+        chunk = shown[start : start + _ENCODE_CHUNK]
+        enc = processor.image_processor(images=[image for _, image, _, _ in chunk], return_tensors="pt")
+        grids = enc["image_grid_thw"]
+        for i, ((item, image, box, whole), rows) in enumerate(zip(chunk, patch_slices(grids))):
+            out.append(_view(item, image, box, enc["pixel_values"][rows], grids[i : i + 1], whole))
     return out
 
 

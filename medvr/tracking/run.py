@@ -210,11 +210,12 @@ def progress_summary(logger: RunLogger) -> str:
     client, run_id = logger.experiment, logger.run_id
     keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(("val/acc", "val/answer/")))
     lines = ["what the run learned (validation: first -> last | test: before -> after training):"]
+    width = max((len(k) - len("val/") for k in keys), default=0) + 1
     for key in keys:
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         tests = sorted(client.get_metric_history(run_id, "test/" + key.removeprefix("val/")), key=lambda m: m.step)
         end = f" | {' -> '.join(f'{m.value:.3f}' for m in tests[:1] + tests[1:][-1:])}" if tests else ""
-        lines.append(f"  {key.removeprefix('val/'):<24} {history[0].value:.3f} -> {history[-1].value:.3f}{end}")
+        lines.append(f"  {key.removeprefix('val/'):<{width}}{history[0].value:.3f} -> {history[-1].value:.3f}{end}")
     return "\n".join(lines)
 
 
