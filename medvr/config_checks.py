@@ -207,8 +207,6 @@ RULES: dict[str, Rule] = {
     "model.warm_start.answer_weight": POSITIVE,
     "model.warm_start.zoom.fraction": probability(),
     "model.warm_start.zoom.rate": probability(),
-    "model.warm_start.zoom.midway": probability(),
-    "model.warm_start.zoom.action_weight": POSITIVE,
     "model.warm_start.zoom.jitter": NON_NEGATIVE,
     "model.warm_start.zoom.min_side": POSITIVE_INT,
     "model.warm_start.zoom.upscale": POSITIVE,

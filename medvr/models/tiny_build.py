@@ -121,11 +121,7 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
         return traj
     box = jittered_box(record, env, zoom["jitter"], rng)
     action = f"<zoom>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</zoom>"
-    if rng.random() < zoom["midway"]:  # where EVR forces a zoom: cut after some words of the rationale
-        words = item.rationale.split(" ")
-        policy("<think>" + " ".join(words[: rng.randrange(len(words))]) + action)
-    else:  # where a policy that zooms of its own accord (explore=tool) does
-        policy("<think>Let me look closer." + action)
+    policy("<think>Let me look closer." + action)
     obs = env.step(action, record["image"])
     enc = processor(text=[obs.text], images=[obs.image], return_tensors="pt")
     traj.add_observation(enc["input_ids"][0], enc["mm_token_type_ids"][0], (enc["pixel_values"], enc["image_grid_thw"][0]), obs.image)
@@ -146,21 +142,16 @@ def _zoom_env(processor, prompt: PromptBuilder, ws: dict, params: dict) -> ZoomE
     )
 
 
-def _batches(demos: list[Trajectory], batch_size: int, pad_id: int, ids: dict[str, int], ws: dict) -> list[tuple[dict, torch.Tensor]]:
+def _batches(demos: list[Trajectory], batch_size: int, pad_id: int, answer_id: int, answer_weight: float) -> list[tuple[dict, torch.Tensor]]:
     """(model inputs, per-token loss weights) per batch. A policy token weighs 1, the answer letter (the
-    token after `<answer>`) `answer_weight`, a zoom action's box and closing tag (the tokens after
-    `<zoom>`, through `</zoom>`) `zoom.action_weight`, every other token 0. Demonstrations with a second
-    image (zooms, twice as long) get batches of their own: no row pads to their length."""
+    token after `answer_id`) `answer_weight`, every other token 0. Demonstrations with a second image
+    (zooms, twice as long) get batches of their own: no row pads to their length."""
     batches = []
     for group in ([d for d in demos if len(d.grids) == 1], [d for d in demos if len(d.grids) > 1]):
         for start in range(0, len(group), batch_size):
             batch = assemble(group[start : start + batch_size], pad_id, 1, "cpu")
             weights = batch.loss_mask.float()
-            tokens = batch.input_ids
-            weights[:, 1:] *= torch.where(tokens[:, :-1] == ids["<answer>"], ws["answer_weight"], 1.0)
-            opened, closed = (tokens == ids["<zoom>"]).cumsum(1), (tokens == ids["</zoom>"]).cumsum(1)
-            in_action = ((opened > closed) | (tokens == ids["</zoom>"])) & (tokens != ids["<zoom>"])
-            weights *= torch.where(in_action, ws["zoom"]["action_weight"], 1.0)
+            weights[:, 1:] *= torch.where(batch.input_ids[:, :-1] == answer_id, answer_weight, 1.0)
             batches.append((batch.model_inputs(), weights))
     random.Random(1).shuffle(batches)
     return batches
@@ -198,5 +189,5 @@ def _warm_start(model, processor, prompt: PromptBuilder, items: list, ws: dict, 
         _demonstration(it, prompt, processor, env if rng.random() < ws["zoom"]["fraction"] else None, ws["zoom"], rng)
         for it in items
     ]
-    ids = {tag: processor.tokenizer.convert_tokens_to_ids(tag) for tag in ("<answer>", "<zoom>", "</zoom>")}
-    _fit(model, _batches(demos, ws["batch_size"], pad, ids, ws), ws["steps"], ws["lr"], "warm start")
+    answer_id = processor.tokenizer.convert_tokens_to_ids("<answer>")
+    _fit(model, _batches(demos, ws["batch_size"], pad, answer_id, ws["answer_weight"]), ws["steps"], ws["lr"], "warm start")
