@@ -36,8 +36,11 @@ TWO_STEPS = [
     "validate_before_training=false",
     "test_before_training=false",
     "test_after_training=false",
-    "eval_samples=0",
 ]
+
+
+# training runs in tests evaluate greedily only, unless a test samples on purpose (eval_samples=k)
+_GREEDY = {"train": ["eval_samples=0"]}
 
 
 def compose_cfg(overrides: list[str], tmp: Path, cache: Path, config_name: str = "train"):
@@ -46,7 +49,7 @@ def compose_cfg(overrides: list[str], tmp: Path, cache: Path, config_name: str =
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(
             config_name,
-            overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}", *overrides],
+            overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}", *_GREEDY.get(config_name, []), *overrides],
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)
