@@ -36,8 +36,8 @@ from medvr.scoring import metrics as eval_metrics
 
 log = logging.getLogger(__name__)
 
-# dataset columns handed to reward functions (TRL passes every dataset column the same way)
 _EVAL_SEED = 20_240_611  # seeds the sampled evaluation (per batch), apart from the training seed
+# dataset columns handed to reward functions (TRL passes every dataset column the same way)
 REWARD_COLUMNS = ("id", "question", "options", "answer", "answer_type", "modality", "bbox", "boxes")
 
 
@@ -346,13 +346,17 @@ class GRPOModule(L.LightningModule):
                 self._sampled.add(batch[i // k], score(batch[i // k], completion))
 
     def _log_eval(self, split: str) -> None:
-        names, sums = self._eval.table(union_over_ranks(sorted(self._eval.sums)))  # same rows on every rank
-        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        names, sums = self._summed(self._eval)
         answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()  # [2, A]
         metrics = eval_metrics(names, sums, split)
         metrics.pop(f"{split}/n", None)
-        if self.eval_samples:
-            metrics |= self._sampled_metrics(split)
+        if self.eval_samples:  # the sampled answers' accuracies, as {split}/acc_sampled[/group]
+            prefix = f"{split}/acc"
+            metrics |= {
+                f"{split}/acc_sampled{key.removeprefix(prefix)}": value
+                for key, value in eval_metrics(*self._summed(self._sampled), split).items()
+                if key == prefix or key.startswith(prefix + "/")
+            }
         chosen = Counter({a: int(c) for a, c in zip(ANSWERS, answers[0]) if c > 0})
         keys = Counter({a: int(c) for a, c in zip(ANSWERS, answers[1]) if c > 0})
         stats = letter_stats(chosen, keys)
@@ -373,13 +377,7 @@ class GRPOModule(L.LightningModule):
                 split, letter, 100 * stats["top_share"], 100 * stats["top_key_share"],
             )
 
-    def _sampled_metrics(self, split: str) -> dict[str, float]:
-        """`{split}/acc_sampled` and its per-group rows: the mean accuracy of the sampled answers (avg@k)."""
-        names, sums = self._sampled.table(union_over_ranks(sorted(self._sampled.sums)))
-        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
-        prefix = f"{split}/acc"
-        return {
-            f"{split}/acc_sampled{key.removeprefix(prefix)}": value
-            for key, value in eval_metrics(names, sums, split).items()
-            if key == prefix or key.startswith(prefix + "/")
-        }
+    def _summed(self, tally: Tally) -> tuple[list[str], torch.Tensor]:
+        """A tally's group names and score sums over every rank (the same rows on each)."""
+        names, sums = tally.table(union_over_ranks(sorted(tally.sums)))
+        return names, self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
