@@ -29,6 +29,7 @@ from medvr import resume as resuming
 from medvr.config_checks import check_config
 from medvr.signals import GracefulStop, Interrupted
 from medvr.tracking.run import (
+    SWEPT_ENV,
     describe,
     log_config,
     make_logger,
@@ -54,6 +55,8 @@ def _swept() -> list[str]:
     mode = HydraConfig.get().mode if HydraConfig.initialized() else None
     if mode is None or mode.name != "MULTIRUN":
         return []
+    if (keys := os.environ.get(SWEPT_ENV)) is not None:  # from the sweep's parent run, wherever the job runs
+        return [k for k in keys.split(",") if k]
     params = HydraConfig.get().sweeper.get("params")
     return swept_overrides(sys.argv[1:], dict(params) if params else None)
 

@@ -58,6 +58,13 @@ def test_multirun_records_every_job_and_survives_a_failure(tmp_path, cache_dir):
     # one Hydra job directory per job
     assert len(list((tmp_path / "multiruns").glob("*/*/[0-9]"))) == 4
 
+    # the sweep's parent holds the report of the finished jobs, though a job failed (its end runs at exit)
+    (parent,) = [r for r in found if r.data.tags.get("sweep") == "true"]
+    assert "report_error" not in parent.data.tags, parent.data.tags.get("report_error")
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2/4 finished"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/ablation.md", "report/ablation.csv", "report/curves_val_acc.png"} <= artifacts
+
     # the ablation report groups the finished runs by their option tags; run directories do not split them
     report = build_report(f"sqlite:///{tmp_path}/mlflow.db", "medvr", by=["reward"], metrics=["val/acc"])
     table = report.table

@@ -49,6 +49,8 @@ PARAMS = (
 )
 # set by the sweep's parent run (medvr.tracking.sweep) for its jobs: the run id they are children of
 PARENT_ENV = "MEDVR_PARENT_RUN_ID"
+# set with it: the keys the sweep sweeps, comma-separated (a job under submitit does not see the sweep's argv)
+SWEPT_ENV = "MEDVR_SWEPT_KEYS"
 NOTE_TAG = "mlflow.note.content"
 
 

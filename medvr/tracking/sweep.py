@@ -8,8 +8,10 @@ launcher whose jobs do not inherit the environment (submitit on a cluster that d
 At the end it logs the ablation report of the FINISHED children (Markdown, CSV, the final-metric and
 curve plots) and `failed_jobs.md`, and ends the parent: FINISHED, FAILED when no job finished, KILLED
 when a job was interrupted. Hydra skips `on_multirun_end` when a job failed (the sweeper re-raises the
-job's error), so the same ending is also registered with `atexit`; it runs once, whichever comes first,
-and never raises.
+job's error), so the same ending is also registered to run at exit; it runs once, whichever comes first,
+and never raises. It is registered with `threading`'s exit hooks, which run before `concurrent.futures` shuts
+its thread pools down: a plain `atexit` hook runs after that, when MLflow can no longer download the
+children's artifacts that the report reads, and the report of a sweep with a failed job was lost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import shlex
+import threading
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +31,7 @@ from omegaconf import DictConfig
 
 import medvr  # noqa: F401  (registers the `abspath` resolver that logger.tracking_uri uses)
 from medvr.report import ReportError, build_report
-from medvr.tracking.run import PARENT_ENV, artifact_location, note_experiment, store_lock, swept_overrides
+from medvr.tracking.run import PARENT_ENV, SWEPT_ENV, artifact_location, note_experiment, store_lock, swept_overrides
 
 # MLflow's limit on a tag value
 TAG_LIMIT = 5000
@@ -61,12 +64,26 @@ def failed_jobs(children) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_exit(hook) -> None:
+    """Run `hook` when this process's main thread ends, before thread pools shut down (plain `atexit` where
+    unavailable). Processes forked from this one (data workers) run the same exit hooks: there it does nothing."""
+    pid = os.getpid()
+
+    def here() -> None:
+        if os.getpid() == pid:
+            hook()
+
+    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9: what concurrent.futures itself uses
+    (register or atexit.register)(here)
+
+
 class SweepRun(Callback):
     """Hydra callback: the MLflow parent run of a multirun (see the module docstring)."""
 
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.swept = ""
         self.uri = self.experiment = self.sweep_dir = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -90,16 +107,16 @@ class SweepRun(Callback):
             "swept": ",".join(swept),
         }
         run = self.client.create_run(experiment_id, run_name=sweep_name(self.sweep_dir, swept), tags=tags)
-        self.run_id = run.info.run_id
-        os.environ[PARENT_ENV] = self.run_id
-        atexit.register(self.end)
+        self.run_id, self.swept = run.info.run_id, ",".join(swept)
+        os.environ[PARENT_ENV], os.environ[SWEPT_ENV] = self.run_id, self.swept
+        _at_exit(self.end)
         print(f"medvr: sweep parent run {self.run_id} (experiment '{self.experiment}')", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         # a launcher that runs jobs elsewhere (submitit: a SLURM node) pickles this callback with them;
         # its run id reaches the job even where the scheduler does not pass on the environment
         if self.run_id is not None:
-            os.environ[PARENT_ENV] = self.run_id
+            os.environ[PARENT_ENV], os.environ[SWEPT_ENV] = self.run_id, self.swept
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.end()
@@ -109,9 +126,9 @@ class SweepRun(Callback):
         if self.run_id is None:
             return
         run_id, self.run_id = self.run_id, None
-        atexit.unregister(self.end)
         if os.environ.get(PARENT_ENV) == run_id:
             del os.environ[PARENT_ENV]
+            os.environ.pop(SWEPT_ENV, None)
         client = self.client
         try:
             experiment_id = client.get_run(run_id).info.experiment_id
