@@ -29,6 +29,7 @@ from medvr.explore.triggers import THRESHOLD_MODES
 from medvr.explore.zoom import RESIZED
 from medvr.grpo import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from medvr.models.family import FAMILIES
+from medvr.rollout.engines import CACHES
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ RULES: dict[str, Rule] = {
     "algo.target": matches(r"(?s).*\{answer\}.*", "a string holding {answer}"),
     "algo.end_of_turn": matches(r"\S+", "one token, such as <|im_end|>"),
     # explore
+    "rollout.cache": choice(*CACHES),
+    "rollout.compile": boolean(),
     "explore.max_new_tokens": POSITIVE_INT,
     "explore.max_turns": COUNT,
     "explore.max_total_tokens": optional(POSITIVE_INT),

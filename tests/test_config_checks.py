@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose_cfg
 from medvr.config_checks import RULES, ConfigError, check_config
 
-GROUPS = ("algo", "explore", "model", "data", "trainer")
+GROUPS = ("algo", "explore", "model", "data", "trainer", "rollout")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF) / g).glob("*.yaml"))]
 
 

@@ -73,6 +73,19 @@ def test_cached_engine_gives_the_hf_rollouts_with_exact_logps(option, tiny, reco
     assert other.completions != cached.completions  # the seed matters
 
 
+def test_static_cache_gives_the_dynamic_cache_rollouts(tiny, records, tmp_path, cache_dir):
+    """rollout=hf rollout.cache=static (HF's StaticCache; compiled on a GPU): the same zooming rollouts, exact log-probs."""
+    model, processor, _ = tiny
+    explore = _explore("tool", tmp_path, cache_dir)
+    static = _rollout(explore, HFGenerate(cache="static"), tiny, records, seed=1)
+    dynamic = _rollout(explore, HFGenerate(), tiny, records, seed=1)
+    assert static.completions == dynamic.completions and explore.stats(static)["zooms_per_rollout"] > 0
+    torch.testing.assert_close(static.gen_logps, dynamic.gen_logps, atol=1e-4, rtol=0)
+    _assert_exact(model, processor, static)
+    with pytest.raises(ValueError, match="rollout.cache='paged'"):
+        HFGenerate(cache="paged")
+
+
 def test_greedy_decoding_agrees(tiny, records, tmp_path, cache_dir):
     model, processor, prompt = tiny
     explore = _explore("tool", tmp_path, cache_dir)

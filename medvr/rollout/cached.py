@@ -15,6 +15,7 @@ the holes change nothing: the log-probs equal the training forward's (tests/test
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,9 @@ class _Session:
         self.forbidden = torch.tensor(forbidden_ids, dtype=torch.long, device=self.device)
         self.stop_ids = set(stop_ids)
         self.pieces = Pieces(processor.tokenizer)
+        # transformers renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        takes_cache = "cache" in inspect.signature(base_model(model).forward).parameters
+        self.cache_key = "cache" if takes_cache else "past_key_values"
 
     # --- one turn ------------------------------------------------------------------------------
     def turn(self, rows: list, request: TurnRequest) -> list[TurnOutput]:
@@ -230,8 +234,8 @@ class _Session:
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: DynamicCache, **extra) -> Tensor:
         """Logits [n, V] of the last position after appending `ids` to `cache` (updated in place)."""
         extra.pop("image_grid_thw", None)  # positions are given: the grids only served M-RoPE
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, **extra)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_key: cache}, **extra)
         return out.logits[:, -1].float()
 
 

@@ -72,13 +72,31 @@ def ends_with_stop(previous: str, piece: str, stops: list[str]) -> bool:
     return any(stop in text[max(0, len(previous) - len(stop) + 1):] for stop in stops)
 
 
+CACHES = ("dynamic", "static")
+
+
 class HFGenerate:
-    """`rollout=hf`: one `model.generate` call per turn over the whole history of every running row."""
+    """`rollout=hf`: one `model.generate` call per turn over the whole history of every running row.
+
+    `cache=static` preallocates HF's StaticCache for the turn (prompt + budget): fixed shapes, which
+    `generate` compiles its decoding forward for with `torch.compile` on an accelerator (`compile=true`,
+    transformers' own rule: a compilable cache on CUDA/XPU/MPS); on CPU it decodes uncompiled. Either
+    cache gives the same rollouts.
+    """
 
     name = "hf"
 
+    def __init__(self, cache: str = "dynamic", compile: bool = True):
+        if cache not in CACHES:
+            raise ValueError(f"rollout.cache={cache!r}: choose one of {CACHES}")
+        self.cache, self.compile = cache, compile
+
     def session(self, model, processor, *, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids):
-        return _HFSession(model, processor, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids)
+        session = _HFSession(model, processor, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids)
+        if self.cache == "static":
+            session.config.cache_implementation = "static"
+        session.config.disable_compile = not self.compile
+        return session
 
 
 class _NoiseSampling(LogitsProcessor):
