@@ -34,6 +34,8 @@ CPU_EXPLORE = "none,tool,evr,random_crop,evr+reward=cca"
 # random weights never close a zoom they start, so only random_crop (which writes its own box) exercises zooms
 GPU_EXPLORE = "none,random_crop"
 GPU_SETTINGS = ["algo.group_size=8", "explore.max_new_tokens=256"]
+# on a GPU, also HF generate with a static KV cache, whose decoding forward transformers compiles
+GPU_ROLLOUT_EXTRA = "hf+rollout.cache=static"
 
 
 @dataclass
@@ -60,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="timed optimiser steps per run (default 10, --gpu 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    parser.add_argument("--rollout", help="medvr rollout options, comma-separated (default: all of conf/rollout)")
+    parser.add_argument("--rollout", help="medvr rollout options, comma-separated; `+` adds overrides to one, e.g. "
+                                          "hf+rollout.cache=static (default: all of conf/rollout; --gpu adds "
+                                          f"{GPU_ROLLOUT_EXTRA})")
     parser.add_argument("--explore", help=f"explore options to cost, comma-separated; `+` adds overrides to one, e.g. "
                                           f"evr+reward=cca (default {CPU_EXPLORE}; --gpu {GPU_EXPLORE}; '' for none)")
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out")
@@ -77,8 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1 (the first step pays for one-time set-up)")
     known = rollout_options()
-    args.rollout = known if args.rollout is None else [r for r in args.rollout.split(",") if r]
-    unknown = [r for r in args.rollout if r not in known]
+    if args.rollout is None:
+        args.rollout = known + ([GPU_ROLLOUT_EXTRA] if args.gpu and GPU_ROLLOUT_EXTRA.split("+")[0] in known else [])
+    else:
+        args.rollout = [r for r in args.rollout.split(",") if r]
+    unknown = [r for r in args.rollout if r.split("+")[0] not in known]
     if unknown:
         parser.error(f"--rollout {unknown}: conf/rollout has {known or 'no options (the group does not exist)'}")
     explore = args.explore if args.explore is not None else (GPU_EXPLORE if args.gpu else CPU_EXPLORE)
@@ -97,13 +104,13 @@ def plan(args, models: dict[str, list[str]]) -> list[Job]:
         base = [*base, *args.overrides]
         medvr = {}
         for r in rollouts:
-            route = [f"rollout={r}"] if r else []
+            route = _route(r)
             medvr[r] = Job(f"medvr-{r}" if r else "medvr", "medvr", [*base, *route], model, r, engines_row=True)
             jobs.append(medvr[r])
         if not args.no_trl:
             jobs.append(Job("trl", "trl", base, model, engines_row=True))
         for r in rollouts:
-            route = [f"rollout={r}"] if r else []
+            route = _route(r)
             for item in args.explore:
                 option, *extra = item.split("+")
                 if option == "none" and not extra and not chosen:  # the engines table's run already is this one
@@ -112,6 +119,14 @@ def plan(args, models: dict[str, list[str]]) -> list[Job]:
                 jobs.append(Job(medvr[r].label, "medvr", [*base, *route, f"explore={option}", *extra], model, r,
                                 " ".join([option, *extra]), explore_row=True))
     return jobs
+
+
+def _route(rollout: str | None) -> list[str]:
+    """Overrides of a --rollout item: `hf+rollout.cache=static` -> [rollout=hf, rollout.cache=static]."""
+    if not rollout:
+        return []
+    option, *extra = rollout.split("+")
+    return [f"rollout={option}", *extra]
 
 
 def run_job(job: Job, args, work: Path, index: int) -> None:

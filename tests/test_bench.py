@@ -34,15 +34,16 @@ def table(text: str, title: str) -> dict[str, list[str]]:
 def test_gpu_dry_run_plans_published_shapes_with_forced_length(cache_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDVR_CACHE", str(cache_dir))  # bench.main would default it to outputs/cache
     out = tmp_path / "plan.md"
-    code = bench.main(["--gpu", "--dry-run", "--rollout", ",".join(bench.rollout_options()), "--out", str(out),
-                       f"paths.cache_dir={cache_dir}"])
+    code = bench.main(["--gpu", "--dry-run", "--out", str(out), f"paths.cache_dir={cache_dir}"])
     text = out.read_text()
     assert code == 0 and text.strip() == capsys.readouterr().out.strip()
     assert "model `qwen2vl_2b`, 2.21B parameters" in text and "model `qwen25vl_7b`, 8.29B parameters" in text
     assert "G=8" in text and "max new tokens 256" in text and "forced" in text
     runs = [line for line in text.splitlines() if line.startswith(("| engines", "| explore"))]
-    per_model = len(bench.rollout_options() or [None]) * 2 + 1  # medvr per rollout (none, random_crop) + TRL
+    # medvr per rollout option and HF generate with a static cache (none, random_crop each), and TRL
+    per_model = (len(bench.rollout_options()) + 1) * 2 + 1
     assert len(runs) == 2 * per_model
+    assert sum(r.endswith("rollout=hf rollout.cache=static` |") for r in runs) == 2  # one per model, explore=none
     assert sum("model=qwen2_5vl_7b_lora" in r and "qwen25vl_7b" in r for r in runs) == per_model
     assert all("model.dtype=bfloat16" in r and "algo.group_size=8" in r for r in runs)
 
@@ -67,6 +68,8 @@ def test_unknown_rollout_option_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--rollout", "vllm"])
     assert "conf/rollout has" in capsys.readouterr().err
+    assert bench.parse_args(["--rollout", "hf+rollout.cache=static"]).rollout == ["hf+rollout.cache=static"]
+    assert bench._route("hf+rollout.cache=static") == ["rollout=hf", "rollout.cache=static"]
 
 
 @pytest.mark.slow
