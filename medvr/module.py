@@ -24,7 +24,7 @@ from medvr.answer_stats import ANSWERS, answer_counts, letter_stats, top_answer
 from medvr.credit import entropy_credit, group_std, loss_mask, micro_weight, span_credit, span_mask
 from medvr.distributed import mean_over_ranks, rank_weight, union_over_ranks
 from medvr.grpo import group_advantages, masked_mean, policy_loss
-from medvr.models.spec import ModelSpec
+from medvr.models.spec import ModelSpec, half_precision_trainable
 from medvr.prompts import PromptBuilder
 from medvr.rewards import WeightedSum
 from medvr.rewards.answer import chosen_letter
@@ -101,6 +101,14 @@ class GRPOModule(L.LightningModule):
             ref.to(self.device)
 
     def configure_optimizers(self):
+        if half := half_precision_trainable(self.policy):
+            lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", "?")
+            log.warning(
+                "%s trainable parameters are stored in %s and updated in place: updates below ~2^-8 of a weight "
+                "round away (optimizer.lr=%s). Train fp32 master weights with bf16 compute instead: "
+                "model.dtype=float32 trainer.precision=bf16-mixed (or use LoRA, whose adapters stay fp32)",
+                f"{sum(half.values()):,}", " and ".join(str(d).removeprefix("torch.") for d in half), lr,
+            )
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return self.optimizer_factory(params)
 

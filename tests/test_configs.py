@@ -43,6 +43,8 @@ def test_experiment_medvlm_r1_sets_the_paper_recipe(tmp_path):
     assert cfg.optimizer.lr == 1e-6 and cfg.explore.max_new_tokens == 512
     assert cfg.data.batch_size == 1 and cfg.trainer.max_epochs == 2
     assert sorted(instantiate(cfg.reward).names) == ["accuracy", "format"]
+    # full fine-tuning at lr 1e-6: fp32 master weights, bf16 compute (bf16 weights would round the updates away)
+    assert cfg.model.dtype == "float32" and cfg.model.lora is None and cfg.trainer.precision == "bf16-mixed"
 
 
 def test_experiment_medvr_mini_sweeps_the_six_arms_over_two_seeds(tmp_path):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import mlflow
+import pytest
 import torch
 from hydra.utils import instantiate
 
 from conftest import FAST_MODEL, SMALL_DATA, compose_cfg
+from medvr.models.spec import half_precision_trainable
 from medvr.module import GRPOModule
 from medvr.train import run
 
@@ -59,7 +62,9 @@ def test_two_steps_change_the_policy_and_log_everything(tmp_path, cache_dir):
     assert "data:image/png;base64," in page and "&lt;answer&gt;" in page and "reward=" in page
 
 
-def test_module_updates_trainable_weights_and_keeps_reference_frozen(tmp_path, cache_dir):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_module_updates_trainable_weights_and_keeps_reference_frozen(precision, tmp_path, cache_dir):
+    """Also with fp32 master weights and bf16 compute (trainer.precision=bf16-mixed): the weights stay fp32."""
     import lightning as L
 
     cfg = compose_cfg(QUICK, tmp_path, cache_dir)
@@ -70,14 +75,30 @@ def test_module_updates_trainable_weights_and_keeps_reference_frozen(tmp_path, c
     ref_before = {k: v.clone() for k, v in module._frozen_ref[0].named_parameters()}
     datamodule = instantiate(cfg.data)
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, precision=precision,
         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
     changed = [k for k, v in module.policy.named_parameters() if not torch.equal(v, before[k])]
     assert len(changed) > 0.9 * len(before)  # full fine-tuning: (almost) every tensor got a gradient
     assert all(torch.equal(v, ref_before[k]) for k, v in module._frozen_ref[0].named_parameters())
     assert trainer.global_step == 2
+
+
+def test_weights_trained_in_16_bits_are_warned_about(tmp_path, cache_dir, caplog):
+    cfg = compose_cfg([*QUICK, "model.dtype=bfloat16"], tmp_path, cache_dir)
+    parts = {n: instantiate(cfg[n]) for n in ("algo", "reward", "prompt", "explore", "optimizer")}
+    module = GRPOModule(model=instantiate(cfg.model), **parts)
+    trainable = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
+    assert half_precision_trainable(module.policy) == {torch.bfloat16: trainable}
+    with caplog.at_level(logging.WARNING, logger="medvr.module"):
+        module.configure_optimizers()
+    (warning,) = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert f"{trainable:,} trainable parameters" in warning and "optimizer.lr=0.001" in warning
+    assert "model.dtype=float32 trainer.precision=bf16-mixed" in warning
+    frozen = torch.nn.Linear(2, 2).to(torch.bfloat16).requires_grad_(False)
+    assert half_precision_trainable(frozen) == {}  # a frozen 16-bit part (a LoRA base) is not a concern
 
 
 def test_kl_is_zero_at_step_zero(tmp_path, cache_dir, tiny):

@@ -94,6 +94,21 @@ def _auto_attention(name: str, dtype: torch.dtype) -> str:
     return "flash_attention_2" if usable and dtype in (torch.bfloat16, torch.float16) else "sdpa"
 
 
+def half_precision_trainable(model) -> dict[torch.dtype, int]:
+    """Trainable parameters stored in 16 bits, counted per dtype (elements).
+
+    An optimiser that updates bf16 weights in place loses every update below about 2^-8 of a weight
+    (bf16 keeps 8 significant bits): at lr 1e-6 nearly all of them. Full fine-tuning in 16 bits needs
+    fp32 master weights: `model.dtype=float32` with `trainer.precision=bf16-mixed` (bf16 compute).
+    LoRA adapters are kept in fp32 by peft whatever the base's dtype.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return counts
+
+
 class ModelSpec:
     """A Qwen-VL checkpoint (a family of medvr/models/family.py) plus how to train it (full fine-tune, LoRA or QLoRA)."""
 
