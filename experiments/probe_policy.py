@@ -1,6 +1,7 @@
 """How well does a starting policy read, greedy and sampled, per question type? (What GRPO starts from.)
 
     python experiments/probe_policy.py [model=... data=... explore=...] [--items 240] [--samples 8]
+    python experiments/probe_policy.py explore=evr      # also: how many zooms are invalid, box IoU with the lesion
 
 GRPO learns from the spread of a group's sampled answers, not from the greedy one: a policy that is
 right when greedy but at chance when sampled gives it nothing to amplify. This prints, per question
@@ -23,6 +24,7 @@ from omegaconf import open_dict
 
 import medvr  # noqa: F401  (registers the config resolvers)
 from medvr.rewards.answer import chosen_letter
+from medvr.rewards.consensus import iou
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -32,9 +34,15 @@ def _kind(record: dict) -> str:
 
 
 def probe(model, processor, prompt, explore, records: list[dict], samples: int, temperature: float, batch: int = 24) -> dict:
-    """{kind: {"n", "greedy", "sampled", "top_share"}} plus an "all" row; accuracies are fractions."""
+    """{kind: {"n", "greedy", "sampled", "top_share", "zooms", "invalid", "box_iou"}} plus an "all" row.
+
+    Accuracies are fractions. Zoom columns (from the sampled answers; NaN where there are none): zooms per
+    answer, the share of zooms that were invalid actions, and the mean IoU of the valid boxes with the
+    item's annotated box (`bbox`, where the data has one).
+    """
     greedy, sampled = collections.defaultdict(list), collections.defaultdict(list)
     answers = collections.defaultdict(collections.Counter)
+    zooms, invalid, ious = collections.Counter(), collections.Counter(), collections.defaultdict(list)
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         ro = explore.rollout(model, processor, prompt, chunk, group_size=1, temperature=temperature, greedy=True)
@@ -45,22 +53,36 @@ def probe(model, processor, prompt, explore, records: list[dict], samples: int, 
                 answers[key][letter] += 1
         if samples:
             ro = explore.rollout(model, processor, prompt, chunk, group_size=samples, temperature=temperature)
-            for i, completion in enumerate(ro.completions):
+            actions = ro.extras.get("zooms", [[] for _ in ro.completions])
+            for i, (completion, row_zooms) in enumerate(zip(ro.completions, actions)):
                 record = chunk[i // samples]
                 for key in (_kind(record), "all"):
                     sampled[key].append(chosen_letter(completion) == record["answer"])
+                    zooms[key] += len(row_zooms)
+                    invalid[key] += sum(z.error is not None for z in row_zooms)
+                    if record.get("bbox"):
+                        ious[key] += [iou(z.box, record["bbox"]) for z in row_zooms if z.error is None]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     return {
         key: {"n": len(greedy[key]), "greedy": mean(greedy[key]), "sampled": mean(sampled[key]),
-              "top_share": max(answers[key].values()) / len(greedy[key])}
+              "top_share": max(answers[key].values()) / len(greedy[key]),
+              "zooms": zooms[key] / len(sampled[key]) if sampled[key] else float("nan"),
+              "invalid": invalid[key] / zooms[key] if zooms[key] else float("nan"), "box_iou": mean(ious[key])}
         for key in sorted(greedy, key=lambda k: (k == "all", k))
     }
 
 
 def markdown(rows: dict) -> str:
-    lines = ["| type | n | greedy acc | sampled acc | top answer share |", "|---|---|---|---|---|"]
+    """The table; zoom columns only where some sampled answer zoomed."""
+    zoomed = any(r.get("zooms", 0) > 0 for r in rows.values())
+    head = "| type | n | greedy acc | sampled acc | top answer share |"
+    lines = [head + (" zooms / answer | invalid zooms | box IoU |" if zoomed else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if zoomed else "")]
     for key, r in rows.items():
-        lines.append(f"| {key} | {r['n']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['top_share']:.2f} |")
+        line = f"| {key} | {r['n']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['top_share']:.2f} |"
+        if zoomed:
+            line += f" {r['zooms']:.2f} | {r['invalid']:.2f} | {r['box_iou']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
