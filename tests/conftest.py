@@ -36,6 +36,7 @@ TWO_STEPS = [
     "validate_before_training=false",
     "test_before_training=false",
     "test_after_training=false",
+    "eval_samples=0",  # for train.py subprocesses too: an evaluation, where one runs, answers greedily only
 ]
 
 

@@ -94,7 +94,8 @@ def test_sweep_parent_ends_even_without_a_finished_job(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_multirun_is_one_parent_run_with_the_report(tmp_path, cache_dir):
-    out = _sweep(tmp_path, cache_dir, "reward=accuracy,r1", "seed=0,1")
+    """The MedVR ablation grid `-m reward=accuracy,cca explore=none,evr`: four children of one parent, one table."""
+    out = _sweep(tmp_path, cache_dir, "reward=accuracy,cca", "explore=none,evr")
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("medvr")
@@ -105,13 +106,21 @@ def test_a_multirun_is_one_parent_run_with_the_report(tmp_path, cache_dir):
     assert len(children) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "4/4 finished"
-    assert parent.info.run_name.startswith("sweep-") and parent.info.run_name.endswith("-reward,seed")
-    assert "-m reward=accuracy,r1 seed=0,1" in parent.data.tags["command"]
+    assert parent.info.run_name.startswith("sweep-") and parent.info.run_name.endswith("-reward,explore")
+    assert "-m reward=accuracy,cca explore=none,evr" in parent.data.tags["command"]
+    assert sorted((r.data.tags["reward"], r.data.tags["explore"]) for r in children) == [
+        ("accuracy", "evr"), ("accuracy", "none"), ("cca", "evr"), ("cca", "none"),
+    ]
+    for r in children:
+        assert ("train/cca/consensus_rate" in r.data.metrics) == (r.data.tags["reward"] == "cca")
+        assert "train/explore/zooms_per_rollout" in r.data.metrics
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert artifacts == {f"report/{n}" for n in ("ablation.md", "ablation.csv", "final_val_acc.png", "curves_val_acc.png")}
     table = open(client.download_artifacts(parent.info.run_id, "report/ablation.md", str(tmp_path))).read()
-    assert "| accuracy | none | tiny | grpo_demo | 0,1 |" in table and "| r1 | none | tiny | grpo_demo | 0,1 |" in table
+    for reward in ("accuracy", "cca"):
+        for explore in ("none", "evr"):
+            assert f"| {reward} | {explore} | tiny | grpo_demo | 0 |" in table, table
 
     for child in children:
         params = child.data.params
