@@ -176,19 +176,19 @@ def _open_run(uri: str, artifacts: str, barrier, index: int) -> None:
 
 
 @pytest.mark.slow
-def test_three_processes_starting_on_a_fresh_store_all_log(tmp_path):
+def test_two_processes_starting_on_a_fresh_store_both_log(tmp_path):
     uri = f"sqlite:///{tmp_path}/fresh.db"
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_open_run, args=(uri, str(tmp_path), barrier, i)) for i in range(3)]
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_open_run, args=(uri, str(tmp_path), barrier, i)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert [p.exitcode for p in procs] == [0, 0]
     client, runs = _runs(uri)
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(r.data.metrics["train/reward"] for r in runs) == [0.0, 1.0, 2.0]
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.metrics["train/reward"] for r in runs) == [0.0, 1.0]
 
 
 def _launch(tmp_path: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:

@@ -224,15 +224,16 @@ def test_study_of_the_tiny_model_stores_mlflow_metrics_and_resumes(tmp_path, cac
         assert sorted(trial.intermediate_values) == [1, 2]  # reported by the pruning callback at each validation
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
 
-    out = _study(tmp_path, cache_dir, *TWO_POINTS, "hydra.sweeper.n_trials=2")  # the same command continues it
+    out = _study(tmp_path, cache_dir, *TWO_POINTS, "hydra.sweeper.n_trials=1")  # the same study, one trial more
     assert out.returncode == 0, out.stderr[-3000:]
     trials = optuna.load_study(study_name="grpo_optuna", storage=storage).trials
-    assert [(t.number, t.state) for t in trials] == [(n, TrialState.COMPLETE) for n in range(4)]
+    assert [(t.number, t.state) for t in trials] == [(n, TrialState.COMPLETE) for n in range(3)]
     _, parents, children = _children(tmp_path)
-    assert sorted(children) == list(range(4)) and len(parents) == 2
+    assert sorted(children) == list(range(3)) and len(parents) == 2
     second = {n for n, r in children.items() if r.data.tags["mlflow.parentRunId"] != parent.info.run_id}
-    assert second == {2, 3}
-    assert all(p.info.status == "FINISHED" and p.data.tags["jobs"] == "2/2 finished" for p in parents)
+    assert second == {2}
+    assert sorted(p.data.tags["jobs"] for p in parents) == ["1/1 finished", "2/2 finished"]
+    assert all(p.info.status == "FINISHED" for p in parents)
 
 
 @pytest.mark.slow
