@@ -104,29 +104,29 @@ def plan(args, models: dict[str, list[str]]) -> list[Job]:
         base = [*base, *args.overrides]
         medvr = {}
         for r in rollouts:
-            route = _route(r)
+            route = _overrides("rollout", r)
             medvr[r] = Job(f"medvr-{r}" if r else "medvr", "medvr", [*base, *route], model, r, engines_row=True)
             jobs.append(medvr[r])
         if not args.no_trl:
             jobs.append(Job("trl", "trl", base, model, engines_row=True))
         for r in rollouts:
-            route = _route(r)
+            route = _overrides("rollout", r)
             for item in args.explore:
-                option, *extra = item.split("+")
-                if option == "none" and not extra and not chosen:  # the engines table's run already is this one
+                explore = _overrides("explore", item)
+                if explore == ["explore=none"] and not chosen:  # the engines table's run already is this one
                     medvr[r].explore_row = True
                     continue
-                jobs.append(Job(medvr[r].label, "medvr", [*base, *route, f"explore={option}", *extra], model, r,
-                                " ".join([option, *extra]), explore_row=True))
+                jobs.append(Job(medvr[r].label, "medvr", [*base, *route, *explore], model, r,
+                                item.replace("+", " "), explore_row=True))
     return jobs
 
 
-def _route(rollout: str | None) -> list[str]:
-    """Overrides of a --rollout item: `hf+rollout.cache=static` -> [rollout=hf, rollout.cache=static]."""
-    if not rollout:
+def _overrides(group: str, item: str | None) -> list[str]:
+    """Overrides of a --rollout/--explore item: `hf+rollout.cache=static` -> [rollout=hf, rollout.cache=static]."""
+    if not item:
         return []
-    option, *extra = rollout.split("+")
-    return [f"rollout={option}", *extra]
+    option, *extra = item.split("+")
+    return [f"{group}={option}", *extra]
 
 
 def run_job(job: Job, args, work: Path, index: int) -> None:

@@ -69,7 +69,7 @@ def test_unknown_rollout_option_is_refused(capsys):
         bench.parse_args(["--rollout", "vllm"])
     assert "conf/rollout has" in capsys.readouterr().err
     assert bench.parse_args(["--rollout", "hf+rollout.cache=static"]).rollout == ["hf+rollout.cache=static"]
-    assert bench._route("hf+rollout.cache=static") == ["rollout=hf", "rollout.cache=static"]
+    assert bench._overrides("rollout", "hf+rollout.cache=static") == ["rollout=hf", "rollout.cache=static"]
 
 
 @pytest.mark.slow

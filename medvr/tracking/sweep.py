@@ -19,9 +19,9 @@ from __future__ import annotations
 import atexit
 import os
 import shlex
-import threading
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -93,6 +93,7 @@ class SweepRun(Callback):
         self.sweep_dir = str(config.hydra.sweep.dir)
         params = config.hydra.sweeper.get("params")
         swept = swept_overrides(list(config.hydra.overrides.task), dict(params) if params else None)
+        self.swept = ",".join(swept)
         with store_lock(self.uri):
             self.client = MlflowClient(self.uri)
             found = self.client.get_experiment_by_name(self.experiment)
@@ -104,10 +105,10 @@ class SweepRun(Callback):
             "sweep": "true",
             "command": shlex.join(["python", *sys.argv])[:TAG_LIMIT],
             "sweep_dir": str(Path(self.sweep_dir).resolve()),
-            "swept": ",".join(swept),
+            "swept": self.swept,
         }
         run = self.client.create_run(experiment_id, run_name=sweep_name(self.sweep_dir, swept), tags=tags)
-        self.run_id, self.swept = run.info.run_id, ",".join(swept)
+        self.run_id = run.info.run_id
         os.environ[PARENT_ENV], os.environ[SWEPT_ENV] = self.run_id, self.swept
         _at_exit(self.end)
         print(f"medvr: sweep parent run {self.run_id} (experiment '{self.experiment}')", flush=True)
