@@ -47,3 +47,11 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
 def union_over_ranks(names: list[str]) -> list[str]:
     """Sorted union of every rank's `names` (e.g. eval groups: a rank may have seen no row of a modality)."""
     return sorted({n for ranked in _gathered(names) for n in ranked})
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if one is up. Lightning leaves it open after `fit`; at interpreter
+    exit gloo's threads are then torn down while running and the process aborts ("terminate called without
+    an active exception", exit -6) although the run finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -27,6 +27,7 @@ from optuna import TrialPruned
 
 from medvr import resume as resuming
 from medvr.config_checks import check_config
+from medvr.distributed import close_process_group
 from medvr.signals import GracefulStop, Interrupted
 from medvr.tracking.run import (
     SWEPT_ENV,
@@ -125,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = env_uri
             del module, trainer, datamodule
+            close_process_group()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

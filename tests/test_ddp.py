@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import FAST_MODEL, SMALL_DATA, compose_cfg  # noqa: E402
 
 from medvr.data.sampler import EpochShuffle  # noqa: E402
+from medvr.distributed import close_process_group  # noqa: E402
 from medvr.rollout.batch import Rollouts  # noqa: E402
 
 PROMPTS = 4  # per global batch: 2 per rank
@@ -126,3 +127,4 @@ def test_ranks_deal_out_disjoint_prompts_and_resume():
 
 if __name__ == "__main__":
     step(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+    close_process_group()
