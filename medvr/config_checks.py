@@ -169,6 +169,7 @@ RULES: dict[str, Rule] = {
     "explore.max_turns": COUNT,
     "explore.max_total_tokens": optional(POSITIVE_INT),
     "explore.mask_over_turn": boolean(),
+    "explore.constrain_actions": boolean(),
     "explore.trigger_at_eval": boolean(),
     "explore.trigger.mode": choice(*THRESHOLD_MODES),
     "explore.trigger.threshold": NON_NEGATIVE,

@@ -14,6 +14,7 @@ import bisect
 
 import torch
 
+from medvr.explore.grammar import ActionGrammar
 from medvr.explore.trajectory import Trajectory, Zoom, assemble
 from medvr.explore.zoom import ACTION_CLOSE, ACTION_OPEN, ZoomEnv
 from medvr.prompts import PromptBuilder
@@ -55,6 +56,7 @@ class MultiTurn:
         trigger=None,
         trigger_at_eval: bool = False,
         mask_over_turn: bool = False,
+        constrain_actions: bool = False,
         engine=None,
     ):
         if max_turns > 0 and env is None:
@@ -70,6 +72,8 @@ class MultiTurn:
         self.trigger_at_eval = trigger_at_eval
         self.mask_over_turn = mask_over_turn
         self.engine = engine if engine is not None else HFGenerate()  # rollout=: how a turn is decoded
+        self.constrain_actions = constrain_actions  # decode zoom actions under their grammar (explore/grammar.py)
+        self._grammars: dict[int, ActionGrammar] = {}  # per tokenizer
 
     # --- public --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -103,6 +107,9 @@ class MultiTurn:
             forbidden_ids=forbidden, stop_ids=stop_token_ids(processor),
         )
         vocab = model.config.get_text_config().vocab_size - len(forbidden)
+        grammar = None
+        if self.constrain_actions and self.max_turns > 0:
+            grammar = self._grammars.setdefault(id(processor.tokenizer), ActionGrammar(processor.tokenizer))
         first_turn = True
         try:
             while active := [t for t in trajs if not t.done]:
@@ -112,7 +119,7 @@ class MultiTurn:
                 if not (active := [t for t in active if not t.done]):
                     break
                 fork = branch and first_turn
-                turns = session.turn(active, self._request(active, trigger, noise, vocab, fork))
+                turns = session.turn(active, self._request(active, trigger, noise, vocab, fork, grammar))
                 if fork:  # keep an un-regrounded twin right after every root: the group contrasts both
                     twins = [t.copy() for t in active]
                     for i, (twin, turn) in enumerate(zip(twins, turns)):
@@ -152,8 +159,8 @@ class MultiTurn:
         return out
 
     # --- one turn --------------------------------------------------------------------------------
-    def _request(self, active: list[Trajectory], trigger, noise, vocab: int, fork: bool) -> TurnRequest:
-        """Budgets, noise rows and the trigger's turn watch for the running rows."""
+    def _request(self, active: list[Trajectory], trigger, noise, vocab: int, fork: bool, grammar) -> TurnRequest:
+        """Budgets, noise rows, the action grammar and the trigger's turn watch for the running rows."""
         slots = torch.tensor([t.slot for t in active])
         request = TurnRequest(
             limits=[self.max_new_tokens - t.policy_tokens for t in active],
@@ -161,6 +168,10 @@ class MultiTurn:
             slots=slots,
             fork=fork,
         )
+        if grammar is not None:  # a turn opens inside an action only after a forced `<zoom>[`
+            request.grammar = grammar
+            request.leads = [t.pending.action if t.in_action else "" for t in active]
+            request.frames = [self.env.frame(*t.record["image"].size) for t in active]
         if trigger is not None:
             request.watch = trigger.watch(slots, noise if noise is not None else Noise(len(active), 1), vocab)
             request.min_tokens = trigger.min_tokens
@@ -175,7 +186,7 @@ class MultiTurn:
         """Append this turn to the row; return a pending zoom (action text span) for the environment."""
         start = t.length
         t.cache = turn.state
-        t.add_policy(turn.tokens, turn.logps, turn.entropies, tokenizer)
+        t.add_policy(turn.tokens, turn.logps, turn.entropies, tokenizer, turn.allowed)
         tokens = turn.tokens
         if turn.ended == "trigger" and t.can_trigger:
             t.triggers += 1

@@ -53,6 +53,7 @@ class Trajectory:
     pending: Zoom | None = None
     slot: int = 0  # row of the rollout's `Noise` this trajectory samples with
     cache: object = None  # the rollout engine's state for the next turn (e.g. a KV cache)
+    allowed: list[tuple[int, Tensor]] = field(default_factory=list)  # (position, ids) of constrained tokens
 
     @classmethod
     def from_prompts(cls, enc: dict[str, Tensor], records: list[dict]) -> list[Trajectory]:
@@ -90,7 +91,10 @@ class Trajectory:
         self.logps.append(zeros if logps is None else logps.float())
         self.entropies.append(zeros if ents is None else ents.float())
 
-    def add_policy(self, tokens: Tensor, logps: Tensor, entropies: Tensor, tokenizer) -> None:
+    def add_policy(self, tokens: Tensor, logps: Tensor, entropies: Tensor, tokenizer,
+                   allowed: dict[int, Tensor] | None = None) -> None:
+        """Append a turn's policy tokens; `allowed` {index: ids} are the grammar's restrictions they were sampled under."""
+        self.allowed += [(self.length + i, ids) for i, ids in (allowed or {}).items()]
         self.add(tokens, torch.zeros_like(tokens), loss=1, logps=logps, ents=entropies)
         self.text.append(tokenizer.decode(tokens, skip_special_tokens=True))
         self.policy_tokens += len(tokens)
@@ -109,7 +113,7 @@ class Trajectory:
 
     def copy(self) -> Trajectory:
         twin = copy.copy(self)
-        for name in ("ids", "mm", "loss", "logps", "entropies", "pixels", "grids", "crops", "text", "zooms"):
+        for name in ("ids", "mm", "loss", "logps", "entropies", "pixels", "grids", "crops", "text", "zooms", "allowed"):
             setattr(twin, name, list(getattr(self, name)))
         return twin
 
@@ -141,7 +145,9 @@ def assemble(trajs: list[Trajectory], pad_id: int, group_size: int, device) -> R
         image_ids=_image_ids(trajs),
         completions=["".join(t.text).strip() for t in trajs],
         group_size=group_size,
-        extras={"zooms": zooms, "crops": [list(t.crops) for t in trajs]},
+        extras={"zooms": zooms, "crops": [list(t.crops) for t in trajs],
+                # constrained tokens' allowed ids, at their padded columns: token_logps restricts them alike
+                "allowed": [[(c + s, ids) for c, ids in t.allowed] for t, s in zip(trajs, shift)]},
     )
 
 

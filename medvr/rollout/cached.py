@@ -71,12 +71,13 @@ class _Session:
         cache, mask, next_pos, logits = self._extend(rows)
         held = [r.length for r in rows]  # trajectory tokens in the cache, per row
         active = list(range(n))  # batch position -> row
-        out: list[dict] = [{"tokens": [], "logps": [], "entropies": []} for _ in rows]
+        out: list[dict] = [{"tokens": [], "logps": [], "entropies": [], "allowed": {}} for _ in rows]
         texts = [""] * n
         results: list[TurnOutput | None] = [None] * n
         slots = request.slots.tolist()
         for step in range(max(request.limits)):
-            logp = policy_logprobs(logits, self.temperature, self.forbidden)  # [m, V]
+            grammar = request.allowed(active, [texts[r] for r in active])  # {batch position: ids}
+            logp = policy_logprobs(logits, self.temperature, self.forbidden, grammar)  # [m, V]
             h = entropy(logp)  # [m]
             fired = torch.zeros(len(active), dtype=torch.bool)
             # rows not cut yet (a forked row decodes on past its cut, as its continuation)
@@ -102,6 +103,8 @@ class _Session:
                     if not request.fork:
                         continue
                 token = int(tokens[b])
+                if b in grammar:
+                    out[r]["allowed"][len(out[r]["tokens"])] = grammar[b]
                 out[r]["tokens"].append(token)
                 out[r]["logps"].append(float(token_logp[b]))
                 out[r]["entropies"].append(float(h[b]))
@@ -150,6 +153,7 @@ class _Session:
             torch.tensor(out["entropies"], dtype=torch.float32),
             ended,
             state=state,
+            allowed=dict(out["allowed"]),
         )
 
     # --- caches --------------------------------------------------------------------------------

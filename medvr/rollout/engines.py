@@ -24,7 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from medvr.explore.triggers import window_open
 from medvr.rollout.generate import NonFiniteError, generation_config, sample
-from medvr.rollout.sampling import Noise, choose, policy_logprobs
+from medvr.rollout.sampling import Noise, choose, policy_logprobs, restrict
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TurnOutput:
     trigger_entropy: float | None = None  # entropy of the step where the trigger fired
     continuation: TurnOutput | None = None  # the un-cut turn of a triggered row (branched rollouts)
     state: object = None  # engine state carried to the row's next turn (a KV cache), opaque
+    allowed: dict[int, Tensor] = field(default_factory=dict)  # token index -> ids it was restricted to
 
 
 @dataclass
@@ -51,6 +52,15 @@ class TurnRequest:
     eligible: list[bool] = field(default_factory=list)  # rows the trigger may cut this turn
     min_tokens: int = 0  # steps into the turn before a trigger may fire
     fork: bool = False  # keep the un-cut continuation of every triggered row
+    grammar: object | None = None  # ActionGrammar: restrict open zoom actions (medvr/explore/grammar.py)
+    leads: list[str] = field(default_factory=list)  # per row: its open action's text before this turn
+    frames: list[tuple[int, int]] = field(default_factory=list)  # per row: its box coordinates' extent
+
+    def allowed(self, rows: list[int], texts: list[str]) -> dict[int, Tensor]:
+        """{k: token ids} restricting rows[k], whose turn text so far is texts[k], inside an open action."""
+        if self.grammar is None:
+            return {}
+        return self.grammar.step([self.leads[r] + x for r, x in zip(rows, texts)], [self.frames[r] for r in rows])
 
 
 class Pieces:
@@ -99,6 +109,22 @@ class HFGenerate:
         return session
 
 
+class _Grammar(LogitsProcessor):
+    """Restricts the rows inside an open zoom action to the action grammar; records each step's sets."""
+
+    def __init__(self, request: TurnRequest, prompt_len: int, pieces: Pieces):
+        self.request, self.prompt_len, self.pieces = request, prompt_len, pieces
+        self.texts = [""] * len(request.limits)
+        self.applied: list[dict[int, Tensor]] = []  # per step {row: ids}
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[1] > self.prompt_len:
+            self.texts = [x + self.pieces(int(t)) for x, t in zip(self.texts, input_ids[:, -1].tolist())]
+        allowed = self.request.allowed(list(range(len(self.texts))), self.texts)
+        self.applied.append(allowed)
+        return restrict(scores, (torch.tensor(list(allowed)),), list(allowed.values())) if allowed else scores
+
+
 class _NoiseSampling(LogitsProcessor):
     """Makes greedy `generate` emit medvr's inverse-CDF sample: every other token's score is set to -inf."""
 
@@ -133,20 +159,27 @@ class _HFSession:
         inputs = {k: v.to(device) for k, v in history_batch(rows, self.processor.tokenizer.pad_token_id).items()}
         self.config.max_new_tokens = max(request.limits)
         processors = LogitsProcessorList()
+        grammar = None
+        if request.grammar is not None:
+            grammar = _Grammar(request, inputs["input_ids"].shape[1], self.pieces)
+            processors.append(grammar)
         if not self.greedy:
             processors.append(_NoiseSampling(
                 self.noise, request.slots, torch.tensor(request.offsets), inputs["input_ids"].shape[1],
                 self.temperature, self.forbidden.to(device),
             ))
         out = sample(self.model, inputs, self.config, self.temperature, stop_strings=self.stop_strings,
-                     tokenizer=self.processor.tokenizer, logits_processor=processors)
+                     tokenizer=self.processor.tokenizer, logits_processor=processors,
+                     allowed=grammar.applied if grammar else None)
         turns = []
         for r in range(len(rows)):
             n = int(out.mask[r].sum())
             ended = "action" if out.stopped_by_string[r] else ("budget" if out.truncated[r] else "eos")
             if n > request.limits[r]:
                 n, ended = request.limits[r], "budget"
-            turns.append(TurnOutput(out.tokens[r, :n].cpu(), out.logps[r, :n].cpu(), out.entropies[r, :n].cpu(), ended))
+            allowed = {t: step[r] for t, step in enumerate(grammar.applied[:n]) if r in step} if grammar else {}
+            turns.append(TurnOutput(out.tokens[r, :n].cpu(), out.logps[r, :n].cpu(), out.entropies[r, :n].cpu(), ended,
+                                    allowed=allowed))
         if request.watch is not None:
             self._replay(turns, request)
         return turns
@@ -173,9 +206,10 @@ class _HFSession:
             if c < 0:
                 continue
             x = turns[r]
-            cont = TurnOutput(x.tokens, x.logps, x.entropies, x.ended) if request.fork else None
+            cont = TurnOutput(x.tokens, x.logps, x.entropies, x.ended, allowed=x.allowed) if request.fork else None
             turns[r] = TurnOutput(x.tokens[:c], x.logps[:c], x.entropies[:c], "trigger",
-                                  trigger_entropy=float(x.entropies[c]), continuation=cont)
+                                  trigger_entropy=float(x.entropies[c]), continuation=cont,
+                                  allowed={t: ids for t, ids in x.allowed.items() if t < c})
 
 
 def history_batch(rows: list, pad_id: int) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
 from medvr.rollout.images import encode_unique
-from medvr.rollout.sampling import entropy, policy_logprobs
+from medvr.rollout.sampling import entropy, policy_logprobs, restrict
 
 
 class NonFiniteError(FloatingPointError):
@@ -75,10 +75,12 @@ def sample(
     stop_strings: list[str] | None = None,
     tokenizer=None,
     logits_processor=None,
+    allowed: list[dict[int, Tensor]] | None = None,
 ) -> Sample:
     """One batched `generate` call over every row of `inputs` (all prompts x all completions).
 
     A row ends at a stop token, or right after any of `stop_strings` (which may span several tokens).
+    `allowed` [step] {row: ids}: the action grammar's restrictions (a logits processor fills it while generating).
     """
     prompt_len = inputs["input_ids"].shape[1]
     rows, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
@@ -93,7 +95,8 @@ def sample(
     logps, entropies = [], []
     forbidden = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=tokens.device)
     for t, step_logits in enumerate(out.logits):  # one [N, V] per step: never stack [N, Lc, V]
-        logp = policy_logprobs(step_logits, temperature, forbidden)  # [N, V]
+        # the grammar's restriction of step t (filled while generating), applied as when sampling
+        logp = policy_logprobs(step_logits, temperature, forbidden, allowed[t] if allowed else None)  # [N, V]
         logps.append(logp.gather(-1, tokens[:, t : t + 1]).squeeze(-1))  # [N]
         entropies.append(entropy(logp))  # [N]
     logps_t = torch.stack(logps, dim=1)  # [N, Lc]
@@ -138,6 +141,10 @@ def token_logps(
     out = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, :-1] / temperature  # [N, L-start, V]
     logits.index_fill_(-1, forbidden_ids.to(logits.device), float("-inf"))  # outputs of div: safe in place
+    spots = [(r, c - start, ids) for r, row in enumerate(rollouts.extras.get("allowed", [])) for c, ids in row]
+    if spots:  # constrained zoom actions: the sets each token was sampled under (medvr/explore/grammar.py)
+        rows, cols, sets = zip(*spots)
+        restrict(logits, (torch.tensor(rows), torch.tensor(cols)), list(sets))
     targets = rollouts.input_ids[:, start:]  # [N, L-start]
     logps = torch.zeros(n, length, device=logits.device)
     # observation tokens of multi-turn rollouts (image placeholders) are forbidden to the policy (-inf):

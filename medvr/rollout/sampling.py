@@ -29,9 +29,15 @@ class Noise:
         return self.uniform[slots.cpu(), index.cpu()]
 
 
-def policy_logprobs(logits: Tensor, temperature: float, forbidden: Tensor) -> Tensor:
-    """[n, V] log-softmax of raw logits / T over the policy's vocabulary (forbidden tokens at -inf)."""
+def policy_logprobs(logits: Tensor, temperature: float, forbidden: Tensor,
+                    allowed: dict[int, Tensor] | None = None) -> Tensor:
+    """[n, V] log-softmax of raw logits / T over the policy's vocabulary (forbidden tokens at -inf).
+
+    `allowed` {row: token ids} restricts those rows to their ids (constrained actions, medvr/explore/grammar.py).
+    """
     z = (logits.float() / temperature).index_fill_(-1, forbidden.to(logits.device), float("-inf"))
+    if allowed:
+        restrict(z, (torch.tensor(list(allowed)),), list(allowed.values()))
     return torch.log_softmax(z, dim=-1)
 
 
@@ -50,3 +56,18 @@ def choose(logp: Tensor, uniforms: Tensor | None) -> Tensor:
     target = uniforms.to(cdf.device).unsqueeze(-1) * cdf[:, -1:]  # [n, 1]
     token = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first index with cdf > u
     return token.clamp(max=logp.shape[-1] - 1)
+
+
+def restrict(logits: Tensor, index: tuple[Tensor, ...], sets: list[Tensor]) -> Tensor:
+    """`logits` with every token outside `sets[k]` at -inf at position `index[...][k]` (in place; returned).
+
+    `index` selects k rows of `logits` ([n, V]: one index tensor; [n, L, V]: row and column tensors).
+    """
+    if not sets:
+        return logits
+    keep = torch.zeros(len(sets), logits.shape[-1], dtype=torch.bool, device=logits.device)
+    rows = torch.cat([torch.full((len(s),), k, dtype=torch.long) for k, s in enumerate(sets)]).to(logits.device)
+    keep[rows, torch.cat(sets).to(logits.device)] = True
+    index = tuple(i.to(logits.device) for i in index)
+    logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+    return logits
