@@ -165,6 +165,7 @@ RULES: dict[str, Rule] = {
     # explore
     "rollout.cache": choice(*CACHES),
     "rollout.compile": boolean(),
+    "rollout.continuous": boolean(),
     "explore.max_new_tokens": POSITIVE_INT,
     "explore.max_turns": COUNT,
     "explore.max_total_tokens": optional(POSITIVE_INT),

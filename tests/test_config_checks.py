@@ -44,6 +44,7 @@ BAD = [
     (["algo.dynamic_sampling='true'"], "algo.dynamic_sampling='true'", "true or false"),
     (["model.freeze_vision=yes"], "model.freeze_vision='yes'", "true or false"),
     (["explore=tool", "explore.constrain_actions=1"], "explore.constrain_actions=1", "true or false"),
+    (["rollout=cached", "rollout.continuous=no"], "rollout.continuous='no'", "true or false"),
     (["algo.loss_type=ppo"], "algo.loss_type='ppo'", "one of grpo | bnpo | dr_grpo | dapo"),
     (["algo.scale_rewards=std"], "algo.scale_rewards='std'", "one of group | batch | none"),
     (["algo.importance_sampling_level=seq"], "algo.importance_sampling_level='seq'", "one of token | sequence"),

@@ -23,7 +23,8 @@ from tests.conftest import FAST_MODEL, compose_cfg
 OPTIONS = {
     "none": [],
     "tool": [],
-    "evr_branch": ["explore.trigger.branch=true"],  # quantile mode, forked rows
+    "evr": [],  # quantile mode: rows the trigger may still cut wait for the next synchronous turn
+    "evr_branch": ["explore.trigger.branch=true"],  # forked rows (turns stay synchronous)
     "random_crop": [],
 }
 
@@ -175,3 +176,23 @@ def test_token_logps_encodes_each_image_once_and_trains_the_vision_tower(tiny, r
     assert any(g.abs().sum() > 0 for g in once)
     for a, b in zip(once, every):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["tool", "evr"])
+def test_rows_start_their_next_turn_at_once(option, tiny, records, tmp_path, cache_dir):
+    """Continuous batching across turns: a row that zooms rejoins the running batch with its next turn, so
+    the rollouts equal the synchronous turns' and fewer decode steps run (no row waits for a turn's slowest)."""
+    model = tiny[0]
+    explore = _explore(option, tmp_path, cache_dir)
+    steps = {}
+    for continuous in (False, True):
+        with _Calls(model) as calls:
+            out = _rollout(explore, CachedDecoder(continuous=continuous), tiny, records, seed=4, group_size=6)
+        steps[continuous] = sum(1 for _, length in calls.text if length == 1)  # decode forwards
+        if continuous:
+            assert out.completions == sync.completions and torch.equal(out.input_ids, sync.input_ids)
+            torch.testing.assert_close(out.gen_logps, sync.gen_logps, atol=1e-4, rtol=0)
+            _assert_exact(model, tiny[1], out)
+        sync = out
+    assert explore.stats(sync)["zooms_per_rollout"] > 0
+    assert steps[True] < steps[False], steps

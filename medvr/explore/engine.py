@@ -119,7 +119,10 @@ class MultiTurn:
                 if not (active := [t for t in active if not t.done]):
                     break
                 fork = branch and first_turn
-                turns = session.turn(active, self._request(active, trigger, noise, vocab, fork, grammar))
+                request = self._request(active, trigger, noise, vocab, fork, grammar)
+                handled: dict[int, object] = {}  # turns the engine already handed to `resume` (held: ids stay unique)
+                resume = None if fork else self._resumer(active, processor, trigger, noise, handled)
+                turns = session.turn(active, request, resume=resume)
                 if fork:  # keep an un-regrounded twin right after every root: the group contrasts both
                     twins = [t.copy() for t in active]
                     for i, (twin, turn) in enumerate(zip(twins, turns)):
@@ -131,8 +134,9 @@ class MultiTurn:
                             turns[i] = [turn, turn]
                     trajs = active = [x for pair in zip(active, twins) for x in pair]
                     turns = [x for pair in turns for x in pair]
-                observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in zip(active, turns)]
-                self._observe(processor, [(t, o) for t, o in zip(active, observations) if o is not None])
+                pending = [(t, turn) for t, turn in zip(active, turns) if id(turn) not in handled]
+                observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in pending]
+                self._observe(processor, [(t, o) for (t, _), o in zip(pending, observations) if o is not None])
                 first_turn = False
         finally:
             for t in trajs:
@@ -159,6 +163,37 @@ class MultiTurn:
         return out
 
     # --- one turn --------------------------------------------------------------------------------
+    def _eligible(self, t: Trajectory, trigger) -> bool:
+        """May the trigger cut this row in its next turn?"""
+        return (not t.in_action and t.can_trigger and t.triggers < trigger.max_triggers
+                and len(t.zooms) < self.max_turns)
+
+    def _resumer(self, active: list[Trajectory], processor, trigger, noise, handled: dict[int, object]):
+        """The engine's `resume` callback: book the turns that just ended at an action or a trigger and say
+        which rows start their next turn at once (continuous batching, where the engine supports it).
+
+        A row the trigger may still cut waits for the next synchronous turn: a quantile trigger's threshold
+        is shared by the rows of a turn, so those rows must start that turn together (the same rollouts as
+        rollout=hf). Every other row goes on at once with its new budget, offset and open action.
+        """
+
+        def resume(ended: list[tuple[int, object]]) -> list[tuple[int, int, int, str]]:
+            pairs = [(active[r], turn) for r, turn in ended]
+            handled.update((id(turn), turn) for _, turn in pairs)
+            observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in pairs]
+            self._observe(processor, [(t, o) for (t, _), o in zip(pairs, observations) if o is not None])
+            again = []
+            for (r, _), (t, _) in zip(ended, pairs):
+                if not t.done and t.policy_tokens >= self.max_new_tokens:
+                    _finish(t, True, processor.tokenizer)
+                if t.done or (trigger is not None and self._eligible(t, trigger)):
+                    continue
+                lead = t.pending.action if t.in_action else ""
+                again.append((r, self.max_new_tokens - t.policy_tokens, t.policy_tokens, lead))
+            return again
+
+        return resume
+
     def _request(self, active: list[Trajectory], trigger, noise, vocab: int, fork: bool, grammar) -> TurnRequest:
         """Budgets, noise rows, the action grammar and the trigger's turn watch for the running rows."""
         slots = torch.tensor([t.slot for t in active])
@@ -175,11 +210,7 @@ class MultiTurn:
         if trigger is not None:
             request.watch = trigger.watch(slots, noise if noise is not None else Noise(len(active), 1), vocab)
             request.min_tokens = trigger.min_tokens
-            request.eligible = [
-                not t.in_action and t.can_trigger and t.triggers < trigger.max_triggers
-                and len(t.zooms) < self.max_turns
-                for t in active
-            ]
+            request.eligible = [self._eligible(t, trigger) for t in active]
         return request
 
     def _advance(self, t: Trajectory, turn: TurnOutput, tokenizer, trigger, noise) -> tuple[Zoom, object] | None:

@@ -6,7 +6,10 @@ What it saves over `rollout=hf` (HF `generate` per turn over the whole history):
 - a row stops the step its trigger fires (the forced action follows at once) and leaves the
   decode batch when it stops for any reason: no token is decoded to be thrown away;
 - a row that zooms keeps its cache: the next turn appends the forced tokens and the observation
-  (its image encoded once) instead of re-encoding the history.
+  (its image encoded once) instead of re-encoding the history;
+- a row whose turn ends at an action or a trigger starts its next turn at once, rejoining the running
+  batch, instead of waiting for the turn's slowest row (continuous batching across turns); only a
+  row a trigger may still cut waits, since a quantile trigger's threshold is shared by a turn's rows.
 Rows of a turn can hold caches of different lengths: they are left-padded into one batch cache,
 and the appended segments are left-padded after them, so a row's cache may have masked holes.
 Positions are passed explicitly (M-RoPE of each segment, offset by the row's next position), so
@@ -42,15 +45,23 @@ class RowCache:
 
 
 class CachedDecoder:
-    """Config: `rollout=cached`."""
+    """Config: `rollout=cached`. `continuous=false` keeps turns synchronous (every row waits for its turn's
+    slowest row before its next turn starts): the same rollouts, more decode steps; for comparison."""
 
     name = "cached"
 
+    def __init__(self, continuous: bool = True):
+        self.continuous = continuous
+
     def session(self, model, processor, *, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids):
-        return _Session(model, processor, temperature, greedy, noise, stop_strings or [], forbidden_ids, stop_ids)
+        session = _Session(model, processor, temperature, greedy, noise, stop_strings or [], forbidden_ids, stop_ids)
+        session.continuous = self.continuous
+        return session
 
 
 class _Session:
+    continuous = True
+
     def __init__(self, model, processor, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids):
         self.model = model
         self.inner = base_model(model).model  # the Qwen-VL model: rope index, image features
@@ -66,41 +77,51 @@ class _Session:
         self.cache_key = "cache" if takes_cache else "past_key_values"
 
     # --- one turn ------------------------------------------------------------------------------
-    def turn(self, rows: list, request: TurnRequest) -> list[TurnOutput]:
+    def turn(self, rows: list, request: TurnRequest, resume=None) -> list[TurnOutput]:
+        """Each row's output of this turn (of its last turn, for rows that went on through `resume`).
+
+        `resume(ended)`, when given, is called with [(row, TurnOutput)] of the rows whose turn just ended at
+        an action or a trigger; it does the multi-turn bookkeeping and returns [(row, limit, offset, lead)]
+        of those that go on at once: their appended segment is prefilled and they rejoin the running batch
+        (continuous batching across turns) instead of waiting for the slowest row of this turn.
+        """
+        resume = resume if self.continuous else None
         n = len(rows)
         cache, mask, next_pos, logits = self._extend(rows)
         held = [r.length for r in rows]  # trajectory tokens in the cache, per row
         active = list(range(n))  # batch position -> row
-        out: list[dict] = [{"tokens": [], "logps": [], "entropies": [], "allowed": {}} for _ in rows]
+        out: list[dict] = [self._fresh() for _ in rows]
         texts = [""] * n
         results: list[TurnOutput | None] = [None] * n
         slots = request.slots.tolist()
-        for step in range(max(request.limits)):
+        while active:
+            steps = [len(out[r]["tokens"]) for r in active]  # per row: its tokens so far in its turn
             grammar = request.allowed(active, [texts[r] for r in active])  # {batch position: ids}
             logp = policy_logprobs(logits, self.temperature, self.forbidden, grammar)  # [m, V]
             h = entropy(logp)  # [m]
             fired = torch.zeros(len(active), dtype=torch.bool)
             # rows not cut yet (a forked row decodes on past its cut, as its continuation)
             if request.watch is not None and (watched := [b for b, r in enumerate(active) if results[r] is None]):
-                allowed = torch.tensor([request.eligible[active[b]] and step >= request.min_tokens
+                allowed = torch.tensor([request.eligible[active[b]] and steps[b] >= request.min_tokens
                                         and window_open(texts[active[b]]) for b in watched])
                 ids = torch.tensor([active[b] for b in watched])
                 fired[watched] = request.watch.step(ids, h[watched].cpu(), allowed)
             uniforms = None
             if not self.greedy:
-                index = torch.tensor([request.offsets[r] + step for r in active])
+                index = torch.tensor([request.offsets[r] + k for r, k in zip(active, steps)])
                 uniforms = self.noise.at(torch.tensor([slots[r] for r in active]), index)
             try:
                 tokens = choose(logp, uniforms)  # [m]
             except FloatingPointError as err:
                 raise NonFiniteError(f"the policy's logits are not finite while sampling ({err})") from err
             token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            keep = []
+            keep, ended = [], []  # batch positions decoding on; (row, output) of turns ended at an action/trigger
             for b, r in enumerate(active):
                 if fired[b] and results[r] is None:  # cut here; a forked row decodes on as the continuation
                     results[r] = self._output(out[r], "trigger", self._stash(cache, mask, b, held[r], rows[r], next_pos[b]))
                     results[r].trigger_entropy = float(h[b])
                     if not request.fork:
+                        ended.append((r, results[r]))
                         continue
                 token = int(tokens[b])
                 if b in grammar:
@@ -109,34 +130,52 @@ class _Session:
                 out[r]["logps"].append(float(token_logp[b]))
                 out[r]["entropies"].append(float(h[b]))
                 piece = self.pieces(token)
-                ended = None
+                stop = None
                 if token in self.stop_ids:
-                    ended = "eos"
+                    stop = "eos"
                 elif self.stop_strings and ends_with_stop(texts[r], piece, self.stop_strings):
-                    ended = "action"
+                    stop = "action"
                 elif len(out[r]["tokens"]) >= request.limits[r]:
-                    ended = "budget"
+                    stop = "budget"
                 texts[r] += piece
-                if ended is None:
+                if stop is None:
                     keep.append(b)
                     continue
-                state = self._stash(cache, mask, b, held[r], rows[r], next_pos[b]) if ended == "action" else None
-                self._finish(results, r, out[r], ended, state)
-            if not keep:
-                active = []
-                break
-            index = torch.tensor(keep, device=self.device)
+                state = self._stash(cache, mask, b, held[r], rows[r], next_pos[b]) if stop == "action" else None
+                self._finish(results, r, out[r], stop, state)
+                if stop == "action" and results[r].continuation is None:
+                    ended.append((r, results[r]))
+            index = torch.tensor(keep, device=self.device, dtype=torch.long)
             for r in (active[b] for b in keep):
                 held[r] += 1  # the token sampled this step is forwarded below
             active = [active[b] for b in keep]
-            cache.batch_select_indices(index)
-            mask = torch.cat([mask[index], torch.ones(len(keep), 1, dtype=mask.dtype, device=self.device)], dim=1)
-            pos = next_pos[index]  # [m]
-            logits = self._forward(tokens[index].unsqueeze(1), mask, pos.view(1, -1, 1).expand(3, -1, 1), cache)
-            next_pos = pos + 1
-        for r in active:  # only reachable with an empty budget
-            self._finish(results, r, out[r], "budget", None)
+            if keep:
+                cache.batch_select_indices(index)
+                mask = torch.cat([mask[index], torch.ones(len(keep), 1, dtype=mask.dtype, device=self.device)], dim=1)
+                pos = next_pos[index]  # [m]
+                logits = self._forward(tokens[index].unsqueeze(1), mask, pos.view(1, -1, 1).expand(3, -1, 1), cache)
+                next_pos = pos + 1
+            again = resume(ended) if (resume is not None and ended) else []
+            if again:  # rows whose next turn starts now: prefill what was appended and rejoin the batch
+                for r, limit, offset, lead in again:
+                    request.limits[r], request.offsets[r] = limit, offset
+                    if request.watch is not None:  # resumed rows are past their triggers
+                        request.eligible[r] = False
+                    if request.grammar is not None:
+                        request.leads[r] = lead
+                    out[r], texts[r], results[r], held[r] = self._fresh(), "", None, rows[r].length
+                joined = [r for r, *_ in again]
+                parts = self._extend([rows[r] for r in joined])
+                if active:
+                    cache, mask, next_pos, logits = _join((cache, mask, next_pos, logits), parts)
+                else:
+                    cache, mask, next_pos, logits = parts
+                active += joined
         return results
+
+    @staticmethod
+    def _fresh() -> dict:
+        return {"tokens": [], "logps": [], "entropies": [], "allowed": {}}
 
     def _finish(self, results: list, r: int, out: dict, ended: str, state) -> None:
         final = self._output(out, ended, state)
@@ -241,6 +280,18 @@ class _Session:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{self.cache_key: cache}, **extra)
         return out.logits[:, -1].float()
+
+
+def _join(running: tuple, joining: tuple) -> tuple:
+    """Two decode batches (cache, mask [m, L], next_pos [m], logits [m, V]) as one: the shorter cache is
+    left-padded (masked), the joining rows go after the running ones."""
+    (cache, mask, pos, logits), (cache2, mask2, pos2, logits2) = running, joining
+    width = max(mask.shape[1], mask2.shape[1])
+    pad = lambda x, dim: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - dim) + (width - x.shape[dim], 0))
+    for layer, other in zip(cache.layers, cache2.layers):
+        layer.keys = torch.cat([pad(layer.keys, 2), pad(other.keys, 2)])
+        layer.values = torch.cat([pad(layer.values, 2), pad(other.values, 2)])
+    return cache, torch.cat([pad(mask, 1), pad(mask2, 1)]), torch.cat([pos, pos2]), torch.cat([logits, logits2])
 
 
 def _left_pad(x: Tensor | None, length: int, like: list) -> Tensor:

@@ -154,7 +154,8 @@ class _HFSession:
         )
         self.pieces = Pieces(processor.tokenizer)
 
-    def turn(self, rows: list, request: TurnRequest) -> list[TurnOutput]:
+    def turn(self, rows: list, request: TurnRequest, resume=None) -> list[TurnOutput]:
+        """One synchronous `generate` call; `resume` (continuous batching across turns) is not supported here."""
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in history_batch(rows, self.processor.tokenizer.pad_token_id).items()}
         self.config.max_new_tokens = max(request.limits)
