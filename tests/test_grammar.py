@@ -103,7 +103,7 @@ def _rollouts(option: str, engine, tiny, tmp_path, cache_dir, *extra: str):
 @pytest.mark.parametrize("extra", [[], ["explore.trigger.branch=true"]], ids=["evr", "evr_branch"])
 def test_constrained_actions_are_well_formed_and_their_logps_exact(extra, tiny, tmp_path, cache_dir):
     model, processor, _ = tiny
-    explore, cached = _rollouts("evr", CachedDecoder(), tiny, tmp_path, cache_dir, *extra)
+    _, cached = _rollouts("evr", CachedDecoder(), tiny, tmp_path, cache_dir, *extra)
     _, hf = _rollouts("evr", HFGenerate(), tiny, tmp_path, cache_dir, *extra)
     assert cached.completions == hf.completions
     torch.testing.assert_close(cached.gen_logps, hf.gen_logps, atol=1e-4, rtol=0)

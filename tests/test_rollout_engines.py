@@ -184,15 +184,14 @@ def test_rows_start_their_next_turn_at_once(option, tiny, records, tmp_path, cac
     the rollouts equal the synchronous turns' and fewer decode steps run (no row waits for a turn's slowest)."""
     model = tiny[0]
     explore = _explore(option, tmp_path, cache_dir)
-    steps = {}
+    steps, out = {}, {}
     for continuous in (False, True):
         with _Calls(model) as calls:
-            out = _rollout(explore, CachedDecoder(continuous=continuous), tiny, records, seed=4, group_size=6)
+            out[continuous] = _rollout(explore, CachedDecoder(continuous=continuous), tiny, records, seed=4, group_size=6)
         steps[continuous] = sum(1 for _, length in calls.text if length == 1)  # decode forwards
-        if continuous:
-            assert out.completions == sync.completions and torch.equal(out.input_ids, sync.input_ids)
-            torch.testing.assert_close(out.gen_logps, sync.gen_logps, atol=1e-4, rtol=0)
-            _assert_exact(model, tiny[1], out)
-        sync = out
+    sync, cont = out[False], out[True]
+    assert cont.completions == sync.completions and torch.equal(cont.input_ids, sync.input_ids)
+    torch.testing.assert_close(cont.gen_logps, sync.gen_logps, atol=1e-4, rtol=0)
+    _assert_exact(model, tiny[1], cont)
     assert explore.stats(sync)["zooms_per_rollout"] > 0
     assert steps[True] < steps[False], steps
