@@ -31,7 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CPU_EXPLORE = "none,tool,evr,random_crop,evr+reward=cca"
-# random weights never close a zoom they start, so only random_crop (which writes its own box) exercises zooms
+# random weights rarely open a zoom themselves; random_crop (which writes its own box) exercises zooms in the
+# few minutes a lent GPU allows (evr works too: the action grammar closes its forced `<zoom>[`; add it with
+# --explore none,evr,random_crop)
 GPU_EXPLORE = "none,random_crop"
 GPU_SETTINGS = ["algo.group_size=8", "explore.max_new_tokens=256"]
 # on a GPU, also HF generate with a static KV cache, whose decoding forward transformers compiles
