@@ -73,7 +73,7 @@ class MultiTurn:
         self.mask_over_turn = mask_over_turn
         self.engine = engine if engine is not None else HFGenerate()  # rollout=: how a turn is decoded
         self.constrain_actions = constrain_actions  # decode zoom actions under their grammar (explore/grammar.py)
-        self._grammars: dict[int, ActionGrammar] = {}  # per tokenizer
+        self._grammar: ActionGrammar | None = None  # built for the first tokenizer seen, rebuilt for another
 
     # --- public --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +109,9 @@ class MultiTurn:
         vocab = model.config.get_text_config().vocab_size - len(forbidden)
         grammar = None
         if self.constrain_actions and self.max_turns > 0:
-            grammar = self._grammars.setdefault(id(processor.tokenizer), ActionGrammar(processor.tokenizer))
+            if self._grammar is None or self._grammar.tokenizer is not processor.tokenizer:
+                self._grammar = ActionGrammar(processor.tokenizer)
+            grammar = self._grammar
         first_turn = True
         try:
             while active := [t for t in trajs if not t.done]:
@@ -120,9 +122,8 @@ class MultiTurn:
                     break
                 fork = branch and first_turn
                 request = self._request(active, trigger, noise, vocab, fork, grammar)
-                handled: dict[int, object] = {}  # turns the engine already handed to `resume` (held: ids stay unique)
-                resume = None if fork else self._resumer(active, processor, trigger, noise, handled)
-                turns = session.turn(active, request, resume=resume)
+                resume = None if fork else self._resumer(active, processor, trigger, noise)
+                turns = session.turn(active, request, resume=resume)  # None: the row's last turn went to `resume`
                 if fork:  # keep an un-regrounded twin right after every root: the group contrasts both
                     twins = [t.copy() for t in active]
                     for i, (twin, turn) in enumerate(zip(twins, turns)):
@@ -134,7 +135,7 @@ class MultiTurn:
                             turns[i] = [turn, turn]
                     trajs = active = [x for pair in zip(active, twins) for x in pair]
                     turns = [x for pair in turns for x in pair]
-                pending = [(t, turn) for t, turn in zip(active, turns) if id(turn) not in handled]
+                pending = [(t, turn) for t, turn in zip(active, turns) if turn is not None]
                 observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in pending]
                 self._observe(processor, [(t, o) for (t, _), o in zip(pending, observations) if o is not None])
                 first_turn = False
@@ -168,7 +169,7 @@ class MultiTurn:
         return (not t.in_action and t.can_trigger and t.triggers < trigger.max_triggers
                 and len(t.zooms) < self.max_turns)
 
-    def _resumer(self, active: list[Trajectory], processor, trigger, noise, handled: dict[int, object]):
+    def _resumer(self, active: list[Trajectory], processor, trigger, noise):
         """The engine's `resume` callback: book the turns that just ended at an action or a trigger and say
         which rows start their next turn at once (continuous batching, where the engine supports it).
 
@@ -179,7 +180,6 @@ class MultiTurn:
 
         def resume(ended: list[tuple[int, object]]) -> list[tuple[int, int, int, str]]:
             pairs = [(active[r], turn) for r, turn in ended]
-            handled.update((id(turn), turn) for _, turn in pairs)
             observations = [self._advance(t, turn, processor.tokenizer, trigger, noise) for t, turn in pairs]
             self._observe(processor, [(t, o) for (t, _), o in zip(pairs, observations) if o is not None])
             again = []
@@ -188,8 +188,7 @@ class MultiTurn:
                     _finish(t, True, processor.tokenizer)
                 if t.done or (trigger is not None and self._eligible(t, trigger)):
                     continue
-                lead = t.pending.action if t.in_action else ""
-                again.append((r, self.max_new_tokens - t.policy_tokens, t.policy_tokens, lead))
+                again.append((r, self.max_new_tokens - t.policy_tokens, t.policy_tokens, _lead(t)))
             return again
 
         return resume
@@ -205,7 +204,7 @@ class MultiTurn:
         )
         if grammar is not None:  # a turn opens inside an action only after a forced `<zoom>[`
             request.grammar = grammar
-            request.leads = [t.pending.action if t.in_action else "" for t in active]
+            request.leads = [_lead(t) for t in active]
             request.frames = [self.env.frame(*t.record["image"].size) for t in active]
         if trigger is not None:
             request.watch = trigger.watch(slots, noise if noise is not None else Noise(len(active), 1), vocab)
@@ -279,6 +278,11 @@ class MultiTurn:
             image = (next(pixel_chunks), next(grids)) if o.image is not None else None
             t.add_observation(ids, mm, image, o.image)
             t.zooms.append(zoom)
+
+
+def _lead(t: Trajectory) -> str:
+    """The open action a row's next turn starts inside: the forced `<zoom>[` waiting for its box, else none."""
+    return t.pending.action if t.in_action else ""
 
 
 def _finish(t: Trajectory, truncated: bool, tokenizer) -> None:

@@ -83,6 +83,7 @@ class ActionGrammar:
     """The allowed next tokens of an open action, per action text and frame (memoised)."""
 
     def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         # only tokens made of the action's characters can ever continue it
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         self.candidates = [(i, s) for i, s in enumerate(texts) if s and set(s) <= _CHARS]

@@ -54,16 +54,15 @@ class CachedDecoder:
         self.continuous = continuous
 
     def session(self, model, processor, *, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids):
-        session = _Session(model, processor, temperature, greedy, noise, stop_strings or [], forbidden_ids, stop_ids)
-        session.continuous = self.continuous
-        return session
+        return _Session(model, processor, temperature, greedy, noise, stop_strings or [], forbidden_ids, stop_ids,
+                        self.continuous)
 
 
 class _Session:
-    continuous = True
-
-    def __init__(self, model, processor, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids):
+    def __init__(self, model, processor, temperature, greedy, noise, stop_strings, forbidden_ids, stop_ids,
+                 continuous):
         self.model = model
+        self.continuous = continuous
         self.inner = base_model(model).model  # the Qwen-VL model: rope index, image features
         self.device = next(model.parameters()).device
         self.pad_id = processor.tokenizer.pad_token_id
@@ -78,7 +77,8 @@ class _Session:
 
     # --- one turn ------------------------------------------------------------------------------
     def turn(self, rows: list, request: TurnRequest, resume=None) -> list[TurnOutput]:
-        """Each row's output of this turn (of its last turn, for rows that went on through `resume`).
+        """Each row's output of this turn (of its last turn, for rows that went on through `resume`; None for a
+        row whose last turn was handed to `resume`, which booked it).
 
         `resume(ended)`, when given, is called with [(row, TurnOutput)] of the rows whose turn just ended at
         an action or a trigger; it does the multi-turn bookkeeping and returns [(row, limit, offset, lead)]
@@ -155,7 +155,11 @@ class _Session:
                 pos = next_pos[index]  # [m]
                 logits = self._forward(tokens[index].unsqueeze(1), mask, pos.view(1, -1, 1).expand(3, -1, 1), cache)
                 next_pos = pos + 1
-            again = resume(ended) if (resume is not None and ended) else []
+            again = []
+            if resume is not None and ended:
+                again = resume(ended)
+                for r, _ in ended:  # booked by `resume`: a row that goes on returns its later turn, the rest None
+                    results[r] = None
             if again:  # rows whose next turn starts now: prefill what was appended and rejoin the batch
                 for r, limit, offset, lead in again:
                     request.limits[r], request.offsets[r] = limit, offset
@@ -163,14 +167,13 @@ class _Session:
                         request.eligible[r] = False
                     if request.grammar is not None:
                         request.leads[r] = lead
-                    out[r], texts[r], results[r], held[r] = self._fresh(), "", None, rows[r].length
-                joined = [r for r, *_ in again]
-                parts = self._extend([rows[r] for r in joined])
+                    out[r], texts[r], held[r] = self._fresh(), "", rows[r].length
+                parts = self._extend([rows[r] for r, *_ in again])
                 if active:
                     cache, mask, next_pos, logits = _join((cache, mask, next_pos, logits), parts)
                 else:
                     cache, mask, next_pos, logits = parts
-                active += joined
+                active += [r for r, *_ in again]
         return results
 
     @staticmethod
