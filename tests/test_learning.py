@@ -9,7 +9,7 @@ from conftest import FAST_MODEL, compose_cfg
 
 from medvr.train import run
 
-STEPS = 40
+STEPS = 60
 
 
 @pytest.mark.slow
@@ -32,6 +32,7 @@ def test_grpo_learns_to_read_the_modality_and_does_not_collapse(tmp_path, cache_
     (before, after) = history("test/acc")
     (spread_before, spread_after) = history("test/answer/top_share")
     assert after >= before + 0.15, (before, after)
-    # measured: the starting policy gives one letter to all 48 items (accuracy 0.33); after 40 steps 0.60 with
-    # the top letter on 71%: no longer collapsed by the run's own warning threshold
+    # measured: the starting policy gives one letter to all 48 items (accuracy 0.33). After 40 steps this
+    # reached 0.60 until the build's stage 2 changed its numerics (same loss, logits only at weighted tokens;
+    # medvr 96020a0), then 0.40: the start's lone letter is fragile, so the run takes 60 steps
     assert spread_after < cfg.collapse_share, (spread_before, spread_after)

@@ -71,3 +71,38 @@ def test_warm_start_weighs_the_answer_letter_and_only_policy_tokens(tiny):
         policy = weights[row] > 0
         assert tok.decode(ids[row][policy]).startswith("<think>")  # the prompt weighs nothing
         assert set(weights[row][policy].tolist()) == {1.0, 4.0} and (weights[row] == 4.0).sum() == 1
+
+
+def test_warm_start_loss_reads_the_weighted_positions_and_encodes_a_frozen_tower_once(tiny):
+    """Stage 2's loss, computed only where tokens weigh and from pre-encoded images, equals the plain
+    weighted cross-entropy over the full logits; with the tower frozen, the loop never runs it."""
+    import torch.nn.functional as F
+
+    from medvr.models.tiny_build import _batches, _demonstration, _encoded, _fit, _loss, _zoom_env
+
+    model, processor, prompt = tiny
+    model = copy.deepcopy(model)
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    tok = processor.tokenizer
+    env = _zoom_env(processor, prompt, {"zoom": {"min_side": 28, "upscale": 2.0}},
+                    {"box_scale": 10, "pixels": [3136, 12544]})
+    items = synthetic.generate(6, seed=0, split="warmstart")
+    rng = random.Random(0)
+    demos = [_demonstration(it, prompt, processor, env if i % 2 else None, {"rate": 1.0, "jitter": 0.3}, rng)
+             for i, it in enumerate(items)]
+    batches = _batches(demos, 4, tok.pad_token_id, tok.convert_tokens_to_ids("<answer>"), 4.0)
+    assert sorted(len(enc["image_grid_thw"]) for enc, _ in batches) == [3, 6]  # plain rows, and zooms with a crop each
+    with torch.no_grad():
+        for enc, weights in batches:
+            logits = model(**enc).logits[:, :-1]
+            nll = F.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+            expected = (nll * weights[:, 1:]).sum() / weights[:, 1:].sum()
+            assert torch.allclose(_loss(model, _encoded(model, enc), weights), expected, atol=1e-5)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    layer = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    _fit(model, batches, steps=4, lr=1e-3, stage="test")
+    hook.remove()
+    assert len(calls) == len(batches)  # once per batch, before the loop: not once per step
+    assert not torch.equal(layer, model.model.language_model.layers[0].mlp.up_proj.weight)

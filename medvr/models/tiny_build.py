@@ -176,11 +176,7 @@ def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
     model.train()
     t0 = time.time()
     for step in range(steps):
-        enc, weights = batches[step % len(batches)]
-        at = weights[:, 1:] > 0  # position t predicts token t + 1
-        hidden = model.model(**enc).last_hidden_state[:, :-1][at]
-        nll = F.cross_entropy(model.lm_head(hidden), enc["input_ids"][:, 1:][at], reduction="none")
-        loss = (nll * weights[:, 1:][at]).sum() / weights[:, 1:].sum()
+        loss = _loss(model, *batches[step % len(batches)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optim.step()
@@ -189,6 +185,14 @@ def _fit(model, batches: list, steps: int, lr: float, stage: str) -> None:
         if step % 50 == 0 or step == steps - 1:
             log.info("tiny %s step %d/%d loss %.3f (%.0fs)", stage, step + 1, steps, loss.item(), time.time() - t0)
     model.eval()
+
+
+def _loss(model, enc: dict, weights: torch.Tensor) -> torch.Tensor:
+    """Mean weighted cross-entropy of the next token, read only at the positions that carry weight."""
+    at = weights[:, 1:] > 0  # position t predicts token t + 1
+    hidden = model.model(**enc).last_hidden_state[:, :-1][at]
+    nll = F.cross_entropy(model.lm_head(hidden), enc["input_ids"][:, 1:][at], reduction="none")
+    return (nll * weights[:, 1:][at]).sum() / weights[:, 1:].sum()
 
 
 def _encoded(model, enc: dict) -> dict:
