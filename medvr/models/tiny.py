@@ -1,7 +1,7 @@
 """The embedded offline default: a tiny Qwen2-VL built, warm-started and cached by medvr itself.
 
 Nothing is downloaded. The build trains a BPE tokenizer on the synthetic corpus, initialises a
-`Qwen2VLForConditionalGeneration` of about 1.1M parameters, pretrains its vision tower and teaches
+`Qwen2VLForConditionalGeneration` of about 0.95M parameters, pretrains its vision tower and teaches
 it the answer format for a few hundred steps, so GRPO starts from a policy whose group rewards vary.
 The result is a standard HF directory, verified by a hash manifest and rebuilt if corrupt.
 """
