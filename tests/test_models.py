@@ -33,6 +33,19 @@ def test_tiny_model_loads_with_plain_transformers(tmp_path, cache_dir, tiny):
     assert text.endswith("<|im_start|>assistant\n") and "<|vision_start|><|image_pad|><|vision_end|>" in text
 
 
+def test_tiny_tokenizer_reads_the_zoom_tool_texts_in_words_as_it_reads_the_questions(tiny):
+    """The tool prompt, the demonstrations' preamble and the observation are in the tokenizer's corpus: a
+    zoom trajectory is not padded out with single letters (the tool prompt took 153 tokens for 48 words)."""
+    _, processor, prompt = tiny
+    tok = processor.tokenizer
+    per_word = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) / len(text.split())
+    question = prompt.text("Which shape does the abnormality have?", ["round", "square", "triangle", "cross"])
+    assert per_word(question) < 2
+    assert per_word(prompt.zoom_system) < 1.3 * per_word(question)
+    assert per_word("Let me look closer.") <= 1.5
+    assert per_word("Zoomed view.") <= 2
+
+
 @pytest.mark.slow
 def test_corrupt_or_partial_cache_is_detected_and_rebuilt(tmp_path):
     # a barely warm-started variant: this test is about the cache, not the policy

@@ -28,6 +28,13 @@ OPTIONS = {
     "random_crop": [],
 }
 
+# the test model (a short warm start) zooms in some samples only: under this seed its tool rollouts of the
+# records below hold 6 zooms in 12 rows (seed 1 held none after the tokenizer learned the tool's words). The
+# engines' logits agree to ~1e-6, not bit for bit, so a uniform that lands that close to a boundary of the
+# inverse CDF can draw different tokens: under seed 3 one evr row drew a token of probability 6e-6 and its
+# neighbour in the vocabulary, one on each engine
+ZOOMING_SEED = 2
+
 
 @pytest.fixture(scope="module")
 def records():
@@ -61,8 +68,8 @@ def _assert_exact(model, processor, rollouts: Rollouts) -> None:
 def test_cached_engine_gives_the_hf_rollouts_with_exact_logps(option, tiny, records, tmp_path, cache_dir):
     model, processor, _ = tiny
     explore = _explore(option, tmp_path, cache_dir)
-    hf = _rollout(explore, HFGenerate(), tiny, records, seed=1)
-    cached = _rollout(explore, CachedDecoder(), tiny, records, seed=1)
+    hf = _rollout(explore, HFGenerate(), tiny, records, seed=ZOOMING_SEED)
+    cached = _rollout(explore, CachedDecoder(), tiny, records, seed=ZOOMING_SEED)
     assert cached.completions == hf.completions
     assert torch.equal(cached.input_ids, hf.input_ids) and torch.equal(cached.loss_mask, hf.loss_mask)
     torch.testing.assert_close(cached.gen_logps, hf.gen_logps, atol=1e-4, rtol=0)
@@ -70,7 +77,7 @@ def test_cached_engine_gives_the_hf_rollouts_with_exact_logps(option, tiny, reco
     _assert_exact(model, processor, cached)
     if option != "none":
         assert explore.stats(cached)["zooms_per_rollout"] > 0  # the option really zoomed
-    other = _rollout(explore, CachedDecoder(), tiny, records, seed=2)
+    other = _rollout(explore, CachedDecoder(), tiny, records, seed=ZOOMING_SEED + 1)
     assert other.completions != cached.completions  # the seed matters
 
 
@@ -78,8 +85,8 @@ def test_static_cache_gives_the_dynamic_cache_rollouts(tiny, records, tmp_path, 
     """rollout=hf rollout.cache=static (HF's StaticCache; compiled on a GPU): the same zooming rollouts, exact log-probs."""
     model, processor, _ = tiny
     explore = _explore("tool", tmp_path, cache_dir)
-    static = _rollout(explore, HFGenerate(cache="static"), tiny, records, seed=1)
-    dynamic = _rollout(explore, HFGenerate(), tiny, records, seed=1)
+    static = _rollout(explore, HFGenerate(cache="static"), tiny, records, seed=ZOOMING_SEED)
+    dynamic = _rollout(explore, HFGenerate(), tiny, records, seed=ZOOMING_SEED)
     assert static.completions == dynamic.completions and explore.stats(static)["zooms_per_rollout"] > 0
     torch.testing.assert_close(static.gen_logps, dynamic.gen_logps, atol=1e-4, rtol=0)
     _assert_exact(model, processor, static)

@@ -344,8 +344,9 @@ class SyntheticVQA:
         return self.cache_dir / f"synthetic-{key}"
 
     def build(self) -> datasets.DatasetDict:
+        workers = min(8, os.cpu_count() or 1)  # the same items whatever the count: each is seeded by its index
         return datasets.DatasetDict({
-            split: records_dataset([item.record for item in generate(n, self.seed, split, self.question_types)])
+            split: records_dataset([item.record for item in generate(n, self.seed, split, self.question_types, workers)])
             for split, n in self.sizes.items()
         })
 

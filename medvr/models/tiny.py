@@ -23,7 +23,7 @@ from medvr.prompts import PromptBuilder
 log = logging.getLogger(__name__)
 
 MANIFEST = "medvr_build.json"
-BUILD_VERSION = 5
+BUILD_VERSION = 6
 
 
 def _sha256(path: Path) -> str:

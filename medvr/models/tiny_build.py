@@ -38,6 +38,7 @@ from medvr.rollout.encode import encode_prompts
 from medvr.rollout.images import encode_unique
 
 log = logging.getLogger(__name__)
+ZOOM_PREAMBLE = "Let me look closer."  # how a zoom demonstration's think turn starts
 
 
 def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
@@ -47,6 +48,7 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
     items = synthetic.generate(ws["items"], seed=params["seed"], split="warmstart", workers=workers)
     texts = synthetic.corpus_texts(ws["items"], seed=params["seed"])
     texts += [prompt.text(it.record["question"], it.record["options"]) for it in items[:200]]
+    texts += _tool_texts(prompt, round(200 * ws["zoom"]["fraction"]))
     tokenizer = train_tokenizer(texts, params["vocab_size"])
     min_pixels, max_pixels = params["pixels"]
     processor = Qwen2VLProcessor(
@@ -74,6 +76,14 @@ def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
         p.requires_grad_(True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+
+
+def _tool_texts(prompt: PromptBuilder, copies: int) -> list[str]:
+    """The zoom tool's texts (its system prompt, the demonstrations' preamble, both observations), `copies`
+    times each, for the tokenizer: as often as the zoom demonstrations hold them, so BPE learns their words.
+    Without them the 48-word tool prompt took 153 tokens, mostly single letters (72 with them)."""
+    invalid = prompt.invalid_observation.format(error="box [3, 4, 2, 8] lies outside the image (0..10)")
+    return [prompt.zoom_system, ZOOM_PREAMBLE, prompt.observation, invalid] * copies
 
 
 def _config(tokenizer, params: dict) -> Qwen2VLConfig:
@@ -122,7 +132,7 @@ def _demonstration(item, prompt: PromptBuilder, processor, env: ZoomEnv | None, 
         return traj
     box = jittered_box(record, env, zoom["jitter"], rng)
     action = f"<zoom>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</zoom>"
-    policy("<think>Let me look closer." + action)
+    policy(f"<think>{ZOOM_PREAMBLE}{action}")
     obs = env.step(action, record["image"])
     enc = processor(text=[obs.text], images=[obs.image], return_tensors="pt")
     traj.add_observation(enc["input_ids"][0], enc["mm_token_type_ids"][0], (enc["pixel_values"], enc["image_grid_thw"][0]), obs.image)
