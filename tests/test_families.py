@@ -22,6 +22,7 @@ from medvr.explore.zoom import ZoomEnv
 from medvr.models.family import FAMILIES, VISION_TOKENS, UnsupportedFamilyError, vision_tower
 from medvr.models.tiny_random import TinyRandom, build_tiny_random
 from medvr.models.tiny_tokenizer import train_tokenizer
+from medvr.rollout import generate
 from medvr.rollout.encode import encode_prompts, vision_token_ids
 from medvr.rollout.generate import token_logps
 from medvr.train import run
@@ -243,6 +244,25 @@ def test_sampling_log_probs_equal_the_training_forward(tiny_random, tmp_path, mo
     mask = rollouts.loss_mask.bool()
     assert mask.sum() >= 8
     torch.testing.assert_close(logps[mask], rollouts.gen_logps[mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TYPES)
+def test_each_family_runs_a_shared_prompt_once_with_the_same_log_probs(tiny_random, tmp_path, model_type, monkeypatch):
+    """The G rows of a prompt on one pass over it (medvr/rollout/generate.py) give the full forward's log-probs."""
+    model, processor, prompt = _load(model_type, tiny_random, tmp_path)
+    model.gradient_checkpointing_disable()  # which turns the KV cache, and so the shared pass, off
+    torch.manual_seed(0)
+    rollouts = MultiTurn(max_new_tokens=16).rollout(model, processor, prompt, _records(2), group_size=2,
+                                                    temperature=1.0)
+    assert generate._shared_prompts(model, rollouts) is not None
+    forbidden = torch.tensor(vision_token_ids(processor))
+    shared, _ = token_logps(model, rollouts, 1.0, forbidden)
+    monkeypatch.setattr(generate, "_shared_prompts", lambda *a: None)
+    full, _ = token_logps(model, rollouts, 1.0, forbidden)
+    mask = rollouts.loss_mask.bool()
+    torch.testing.assert_close(shared[mask], full[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[mask], rollouts.gen_logps[mask], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ softmax over the remaining vocabulary, both when sampling and when recomputing.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
-from medvr.rollout.images import encode_unique
+from medvr.rollout.images import base_model, encode_unique, take
 from medvr.rollout.sampling import entropy, policy_logprobs, restrict
 
 
@@ -129,31 +130,124 @@ def token_logps(
 
     Logits are computed only from the first policy column on (`logits_to_keep`), in one forward
     over the whole multimodal sequence (images, M-RoPE positions from mm_token_type_ids). Copies of
-    one image (`rollouts.image_ids`: the G rows of a prompt) go through the vision tower once.
+    one image (`rollouts.image_ids`: the G rows of a prompt) go through the vision tower once, and
+    the G rows of a prompt share one pass over it (`_shared_prompt_logits`) where their layout allows.
     """
     n, length = rollouts.input_ids.shape
     start = max(rollouts.policy_start, 1)
-    keep = length - start + 1  # logits at [start-1, L) predict tokens [start, L+1)
     inputs = rollouts.model_inputs()
     if rollouts.image_ids is not None:  # each distinct image through the vision tower once (with grad)
         del inputs["pixel_values"]
         inputs |= encode_unique(model, rollouts.pixel_values, rollouts.image_grid_thw, rollouts.image_ids)
-    out = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1] / temperature  # [N, L-start, V]
+    shared = _shared_prompts(model, rollouts)
+    if shared is None:  # logits at [start-1, L) predict the tokens of columns [start, L)
+        logits = model(**inputs, logits_to_keep=length - start + 1, use_cache=False).logits[:, :-1]
+        cols = torch.arange(start, length, device=logits.device).expand(n, -1)
+    else:
+        logits, cols = _shared_prompt_logits(model, inputs, rollouts.group_size, *shared)
+    # cols [N, T]: the column whose token each logits position predicts (>= L: none, padding)
+    logits = logits / temperature  # [N, T, V]
     logits.index_fill_(-1, forbidden_ids.to(logits.device), float("-inf"))  # outputs of div: safe in place
-    spots = [(r, c - start, ids) for r, row in enumerate(rollouts.extras.get("allowed", [])) for c, ids in row]
+    first = cols[:, 0].tolist()
+    spots = [(r, c - first[r], ids) for r, row in enumerate(rollouts.extras.get("allowed", [])) for c, ids in row]
     if spots:  # constrained zoom actions: the sets each token was sampled under (medvr/explore/grammar.py)
-        rows, cols, sets = zip(*spots)
-        restrict(logits, (torch.tensor(rows), torch.tensor(cols)), list(sets))
-    targets = rollouts.input_ids[:, start:]  # [N, L-start]
-    logps = torch.zeros(n, length, device=logits.device)
+        rows, at, sets = zip(*spots)
+        restrict(logits, (torch.tensor(rows), torch.tensor(at)), list(sets))
+    valid = cols < length
+    safe = cols.clamp(max=length - 1)
+    targets = rollouts.input_ids.gather(1, safe)  # [N, T]
     # observation tokens of multi-turn rollouts (image placeholders) are forbidden to the policy (-inf):
     # keep only policy tokens, so KL and ratios never meet -inf - -inf
-    policy = rollouts.loss_mask[:, start:].bool()
-    logps[:, start:] = torch.where(policy, selective_log_softmax(logits, targets), 0.0)
+    policy = rollouts.loss_mask.gather(1, safe).bool() & valid
+    width = cols.shape[1]
+    spare = torch.arange(length, length + width, device=cols.device).expand(n, -1)
+    dest = torch.where(valid, cols, spare)  # padding positions land past column L, then are cut off
+    place = lambda values: values.new_zeros(n, length + width).scatter(1, dest, values)[:, :length]
+    logps = place(torch.where(policy, selective_log_softmax(logits, targets), 0.0))
     if not with_entropy:
         return logps, None
-    entropies = torch.zeros_like(logps)
     with torch.no_grad():
-        entropies[:, start:] = entropy_from_logits(logits.detach())
+        entropies = place(torch.where(policy, entropy_from_logits(logits.detach()), 0.0))
     return logps, entropies
+
+
+def _shared_prompts(model, rollouts: Rollouts) -> tuple | None:
+    """(each group's prompt images, every other image, first column, first policy column) when each block of
+    `group_size` rows holds one prompt (the same tokens and images before each row's first policy token);
+    None otherwise, and under gradient checkpointing (which turns the forward's KV cache off).
+
+    Images are indices into the rollouts' images; columns are per row ([N]): multi-turn trajectories are
+    right-aligned, so the same prompt ends at different columns in different rows.
+    """
+    g, n = rollouts.group_size, len(rollouts)
+    inner = base_model(model)
+    if g < 2 or n % g or rollouts.image_ids is None or inner.is_gradient_checkpointing:
+        return None
+    has_policy = rollouts.loss_mask.bool().any(dim=1)
+    if not has_policy.all():
+        return None
+    ends = rollouts.loss_mask.float().argmax(dim=1)  # [N] first policy column
+    begins = rollouts.attention_mask.float().argmax(dim=1)  # [N] first real column
+    ids, mm = rollouts.input_ids.tolist(), rollouts.mm_token_type_ids
+    merge = inner.config.vision_config.spatial_merge_size ** 2
+    tokens = (rollouts.image_grid_thw.prod(-1) // merge).tolist()  # placeholders per image
+    cols = torch.arange(rollouts.input_ids.shape[1], device=mm.device)
+    in_prompt = (mm * (cols < ends.unsqueeze(1))).sum(1).tolist()  # placeholders before the policy, per row
+    image_ids = rollouts.image_ids.tolist()
+    image, prompt, rest = 0, [], []
+    for row, count in enumerate(rollouts.images_per_row.tolist()):
+        k, seen = 0, 0
+        while k < count and seen < in_prompt[row]:
+            seen += tokens[image + k]
+            k += 1
+        if seen != in_prompt[row]:
+            return None
+        mine = (ids[row][int(begins[row]) : int(ends[row])], [image_ids[i] for i in range(image, image + k)])
+        if row % g == 0:
+            lead = mine
+            prompt += range(image, image + k)
+        elif mine != lead:
+            return None
+        rest += range(image + k, image + count)
+        image += count
+    return prompt, rest, begins, ends
+
+
+def _shared_prompt_logits(model, inputs: dict, g: int, prompt: list[int], rest: list[int], begins: Tensor,
+                          ends: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [N, T, V] and the column each predicts [N, T], with each group's prompt run once.
+
+    The prompt of a group's first row goes through the model with its KV cache kept (the prompts of the
+    groups left-padded together); the cache is repeated for the group's G rows (with grad: the prompt's
+    gradient is the sum over its rows, as with G copies), and every row's tokens from its first policy
+    token on (right-padded together) run on top of it, at the M-RoPE positions of the whole sequence.
+    """
+    ids, mask, mm = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    n, length = ids.shape
+    inner = base_model(model)
+    pos, _ = inner.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=inputs["image_grid_thw"],
+                                        attention_mask=mask)  # [3, N, L]
+    lead = torch.arange(0, n, g, device=ids.device)
+    width = int((ends - begins)[lead].max())
+    head = ends[lead].unsqueeze(1) - width + torch.arange(width, device=ids.device)  # [B, P] columns
+    tail = ends.unsqueeze(1) + torch.arange(length - int(ends.min()), device=ids.device)  # [N, T] columns
+    head_ok, tail_ok = head >= 0, tail < length
+    head, tail = head.clamp(min=0), tail.clamp(max=length - 1)
+    pick = lambda x, rows, at, ok: torch.where(ok, x[rows].gather(1, at), 0)
+    head_mask, tail_mask = pick(mask, lead, head, head_ok), pick(mask, slice(None), tail, tail_ok)
+    features = inputs["mm_encoder_outputs"]["image"]
+    images = lambda index: {"mm_encoder_outputs": {"image": take(features, index)}} if index else {}
+    cache_key = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    first = model(input_ids=pick(ids, lead, head, head_ok), attention_mask=head_mask,
+                  position_ids=pos[:, lead].gather(2, head.expand(3, -1, -1)), use_cache=True, logits_to_keep=1,
+                  **images(prompt))
+    cache = first.past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(g, dim=0)
+        layer.values = layer.values.repeat_interleave(g, dim=0)
+    after = model(input_ids=pick(ids, slice(None), tail, tail_ok),
+                  attention_mask=torch.cat([head_mask.repeat_interleave(g, dim=0), tail_mask], dim=1),
+                  position_ids=pos.gather(2, tail.expand(3, -1, -1)), use_cache=True, **{cache_key: cache},
+                  **images(rest))
+    logits = torch.cat([first.logits.repeat_interleave(g, dim=0), after.logits[:, :-1]], dim=1)
+    return logits, torch.where(tail_ok, tail, length)
