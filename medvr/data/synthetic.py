@@ -285,6 +285,12 @@ def _item(i, seed, split, types=QUESTION_TYPES):
     return SyntheticItem(record=record, rationale=rationale, facts=facts)
 
 
+def pool_workers() -> int:
+    """Processes for drawing a large pool (`generate(..., workers=pool_workers())`): the same items whatever
+    the count, since each is seeded by its index."""
+    return min(8, os.cpu_count() or 1)
+
+
 def generate(n: int, seed: int, split: str = "train", question_types=QUESTION_TYPES, workers: int = 1) -> list[SyntheticItem]:
     """n records, deterministic in (n, seed, split, question_types); item i depends only on those and i.
 
@@ -344,7 +350,7 @@ class SyntheticVQA:
         return self.cache_dir / f"synthetic-{key}"
 
     def build(self) -> datasets.DatasetDict:
-        workers = min(8, os.cpu_count() or 1)  # the same items whatever the count: each is seeded by its index
+        workers = pool_workers()
         return datasets.DatasetDict({
             split: records_dataset([item.record for item in generate(n, self.seed, split, self.question_types, workers)])
             for split, n in self.sizes.items()

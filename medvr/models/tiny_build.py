@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ ZOOM_PREAMBLE = "Let me look closer."  # how a zoom demonstration's think turn s
 def build_tiny(out_dir: Path, params: dict, prompt: PromptBuilder) -> None:
     torch.manual_seed(params["seed"])
     ws = params["warm_start"]
-    workers = min(8, os.cpu_count() or 1)  # drawing the synthetic images is a third of the build on 2 cores
+    workers = synthetic.pool_workers()  # drawing the synthetic images is a third of the build on 2 cores
     items = synthetic.generate(ws["items"], seed=params["seed"], split="warmstart", workers=workers)
     texts = synthetic.corpus_texts(ws["items"], seed=params["seed"])
     texts += [prompt.text(it.record["question"], it.record["options"]) for it in items[:200]]

@@ -18,7 +18,6 @@ the holes change nothing: the log-probs equal the training forward's (tests/test
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from transformers import DynamicCache
 from medvr.explore.triggers import window_open
 from medvr.rollout.engines import Pieces, TurnOutput, TurnRequest, ends_with_stop
 from medvr.rollout.generate import NonFiniteError
-from medvr.rollout.images import base_model, encode_unique
+from medvr.rollout.images import base_model, cache_argument, encode_unique
 from medvr.rollout.sampling import choose, entropy, policy_logprobs
 
 
@@ -71,9 +70,7 @@ class _Session:
         self.forbidden = torch.tensor(forbidden_ids, dtype=torch.long, device=self.device)
         self.stop_ids = set(stop_ids)
         self.pieces = Pieces(processor.tokenizer)
-        # transformers renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
-        takes_cache = "cache" in inspect.signature(base_model(model).forward).parameters
-        self.cache_key = "cache" if takes_cache else "past_key_values"
+        self.cache_key = cache_argument(model)
 
     # --- one turn ------------------------------------------------------------------------------
     def turn(self, rows: list, request: TurnRequest, resume=None) -> list[TurnOutput]:

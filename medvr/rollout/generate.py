@@ -9,7 +9,6 @@ softmax over the remaining vocabulary, both when sampling and when recomputing.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from medvr.grpo import entropy_from_logits, selective_log_softmax
 from medvr.rollout.batch import Rollouts
-from medvr.rollout.images import base_model, encode_unique, take
+from medvr.rollout.images import base_model, cache_argument, encode_unique, take
 from medvr.rollout.sampling import entropy, policy_logprobs, restrict
 
 
@@ -183,8 +182,7 @@ def _shared_prompts(model, rollouts: Rollouts) -> tuple | None:
     inner = base_model(model)
     if g < 2 or n % g or rollouts.image_ids is None or inner.is_gradient_checkpointing:
         return None
-    has_policy = rollouts.loss_mask.bool().any(dim=1)
-    if not has_policy.all():
+    if not rollouts.loss_mask.bool().any(dim=1).all():
         return None
     ends = rollouts.loss_mask.float().argmax(dim=1)  # [N] first policy column
     begins = rollouts.attention_mask.float().argmax(dim=1)  # [N] first real column
@@ -237,7 +235,6 @@ def _shared_prompt_logits(model, inputs: dict, g: int, prompt: list[int], rest: 
     head_mask, tail_mask = pick(mask, lead, head, head_ok), pick(mask, slice(None), tail, tail_ok)
     features = inputs["mm_encoder_outputs"]["image"]
     images = lambda index: {"mm_encoder_outputs": {"image": take(features, index)}} if index else {}
-    cache_key = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     first = model(input_ids=pick(ids, lead, head, head_ok), attention_mask=head_mask,
                   position_ids=pos[:, lead].gather(2, head.expand(3, -1, -1)), use_cache=True, logits_to_keep=1,
                   **images(prompt))
@@ -247,7 +244,7 @@ def _shared_prompt_logits(model, inputs: dict, g: int, prompt: list[int], rest: 
         layer.values = layer.values.repeat_interleave(g, dim=0)
     after = model(input_ids=pick(ids, slice(None), tail, tail_ok),
                   attention_mask=torch.cat([head_mask.repeat_interleave(g, dim=0), tail_mask], dim=1),
-                  position_ids=pos.gather(2, tail.expand(3, -1, -1)), use_cache=True, **{cache_key: cache},
+                  position_ids=pos.gather(2, tail.expand(3, -1, -1)), use_cache=True, **{cache_argument(model): cache},
                   **images(rest))
     logits = torch.cat([first.logits.repeat_interleave(g, dim=0), after.logits[:, :-1]], dim=1)
     return logits, torch.where(tail_ok, tail, length)

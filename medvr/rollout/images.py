@@ -10,6 +10,8 @@ the rows that share the image, as with G separate encodings.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from transformers.modeling_outputs import ModelOutput
@@ -18,6 +20,12 @@ from transformers.modeling_outputs import ModelOutput
 def base_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cache_argument(model) -> str:
+    """The name of the forward's KV-cache argument: transformers renamed `past_key_values` to `cache`
+    (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
 def patch_slices(image_grid_thw: Tensor) -> list[slice]:
