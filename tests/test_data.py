@@ -312,3 +312,17 @@ def test_question_types_ask_only_those_in_turns_and_a_bad_one_is_named(tmp_path)
     one = SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path), question_types=["count"])
     assert one.cache_path != SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path)).cache_path
     assert set(one.load()["test"]["question_type"]) == {"count"}
+
+
+def test_train_question_types_narrow_the_train_split_only(tmp_path):
+    both = SyntheticVQA(12, 6, 12, seed=0, cache_dir=str(tmp_path), train_question_types=["side", "quadrant"])
+    splits = both.load()
+    assert collections.Counter(splits["train"]["question_type"]) == {"side": 6, "quadrant": 6}
+    assert len(set(splits["test"]["question_type"])) == 6 and len(set(splits["val"]["question_type"])) == 6
+    # the test split is the one a run without the option sees: runs are measured on the same items
+    plain = SyntheticVQA(12, 6, 12, seed=0, cache_dir=str(tmp_path / "plain"))
+    assert both.cache_path.name != plain.cache_path.name
+    assert splits["test"]["id"] == plain.load()["test"]["id"]
+    assert splits["test"]["answer"] == plain.load()["test"]["answer"]
+    with pytest.raises(ValueError, match=r"train_question_types=\['count'\]: \['count'\] not in question_types"):
+        SyntheticVQA(4, 4, 4, seed=0, cache_dir=str(tmp_path), question_types=["side"], train_question_types=["count"])

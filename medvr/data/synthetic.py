@@ -331,14 +331,24 @@ def corpus_texts(n: int, seed: int) -> list[str]:
 
 
 class SyntheticVQA:
-    """Data source: generated train/val/test splits, cached with save_to_disk under cache_dir."""
+    """Data source: generated train/val/test splits, cached with save_to_disk under cache_dir.
+
+    `question_types` are asked in every split; `train_question_types` (a subset of them; null = the same)
+    only in train, so a run can train on some types and be measured on all (as MedVLM-R1 trains on MRI
+    and tests on MRI, CT and X-ray).
+    """
 
     name = "synthetic"
 
-    def __init__(self, n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str, question_types=None):
+    def __init__(self, n_train: int, n_val: int, n_test: int, seed: int, cache_dir: str, question_types=None,
+                 train_question_types=None):
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.seed = seed
         self.question_types = _checked_types(question_types or QUESTION_TYPES)  # a bad type fails before any work
+        self.train_question_types = _checked_types(train_question_types or self.question_types)
+        if outside := sorted(set(self.train_question_types) - set(self.question_types)):
+            raise ValueError(f"train_question_types={list(self.train_question_types)}: {outside} not in "
+                             f"question_types={list(self.question_types)}")
         self.cache_dir = Path(cache_dir)
 
     @property
@@ -346,15 +356,20 @@ class SyntheticVQA:
         params = {**self.sizes, "seed": self.seed, "version": GENERATOR_VERSION}
         if self.question_types != QUESTION_TYPES:  # the default keeps the key it always had
             params["question_types"] = list(self.question_types)
+        if self.train_question_types != self.question_types:
+            params["train_question_types"] = list(self.train_question_types)
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
         return self.cache_dir / f"synthetic-{key}"
 
     def build(self) -> datasets.DatasetDict:
         workers = pool_workers()
         return datasets.DatasetDict({
-            split: records_dataset([item.record for item in generate(n, self.seed, split, self.question_types, workers)])
+            split: records_dataset([item.record for item in generate(n, self.seed, split, self._types(split), workers)])
             for split, n in self.sizes.items()
         })
+
+    def _types(self, split: str) -> tuple[str, ...]:
+        return self.train_question_types if split == "train" else self.question_types
 
     def load(self) -> datasets.DatasetDict:
         path = self.cache_path

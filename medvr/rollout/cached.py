@@ -112,20 +112,22 @@ class _Session:
             except FloatingPointError as err:
                 raise NonFiniteError(f"the policy's logits are not finite while sampling ({err})") from err
             token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            # per-row values as Python numbers at once: one transfer, not three per row
+            token_ids, token_logps, entropies, cut = tokens.tolist(), token_logp.tolist(), h.tolist(), fired.tolist()
             keep, ended = [], []  # batch positions decoding on; (row, output) of turns ended at an action/trigger
             for b, r in enumerate(active):
-                if fired[b] and results[r] is None:  # cut here; a forked row decodes on as the continuation
+                if cut[b] and results[r] is None:  # cut here; a forked row decodes on as the continuation
                     results[r] = self._output(out[r], "trigger", self._stash(cache, mask, b, held[r], rows[r], next_pos[b]))
-                    results[r].trigger_entropy = float(h[b])
+                    results[r].trigger_entropy = entropies[b]
                     if not request.fork:
                         ended.append((r, results[r]))
                         continue
-                token = int(tokens[b])
+                token = token_ids[b]
                 if b in grammar:
                     out[r]["allowed"][len(out[r]["tokens"])] = grammar[b]
                 out[r]["tokens"].append(token)
-                out[r]["logps"].append(float(token_logp[b]))
-                out[r]["entropies"].append(float(h[b]))
+                out[r]["logps"].append(token_logps[b])
+                out[r]["entropies"].append(entropies[b])
                 piece = self.pieces(token)
                 stop = None
                 if token in self.stop_ids:
@@ -142,16 +144,17 @@ class _Session:
                 self._finish(results, r, out[r], stop, state)
                 if stop == "action" and results[r].continuation is None:
                     ended.append((r, results[r]))
-            index = torch.tensor(keep, device=self.device, dtype=torch.long)
             for r in (active[b] for b in keep):
                 held[r] += 1  # the token sampled this step is forwarded below
+            if keep and len(keep) < len(active):  # rows stopped: they leave the batch
+                index = torch.tensor(keep, device=self.device, dtype=torch.long)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
             active = [active[b] for b in keep]
             if keep:
-                cache.batch_select_indices(index)
-                mask = torch.cat([mask[index], torch.ones(len(keep), 1, dtype=mask.dtype, device=self.device)], dim=1)
-                pos = next_pos[index]  # [m]
-                logits = self._forward(tokens[index].unsqueeze(1), mask, pos.view(1, -1, 1).expand(3, -1, 1), cache)
-                next_pos = pos + 1
+                mask = torch.cat([mask, torch.ones(len(keep), 1, dtype=mask.dtype, device=self.device)], dim=1)
+                logits = self._forward(tokens.unsqueeze(1), mask, next_pos.view(1, -1, 1).expand(3, -1, 1), cache)
+                next_pos = next_pos + 1
             again = []
             if resume is not None and ended:
                 again = resume(ended)
