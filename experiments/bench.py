@@ -271,17 +271,20 @@ def tables(args, jobs: list[Job]) -> list[str]:
         if not explore:
             continue
         lines += ["", f"## {model}: explore options (medvr)", "",
-                  ("| rollout | explore | s/step | s/step ÷ none's | rollout s/step | rollout tok/s | tokens/trajectory | "
-                  "peak RSS (MiB) |"), "|---|---|" + "---:|" * 6]
+                  ("| rollout | explore | s/step | s/step ÷ none's | per policy token ÷ none's | rollout s/step | "
+                  "rollout tok/s | tokens/trajectory | peak RSS (MiB) |"), "|---|---|" + "---:|" * 7]
         for j in explore:
             r = j.result
             if j.error:
                 lines.append(_row(j, [], f"{j.rollout or '-'} | {j.explore}"))
                 continue
-            base = next((b.result.get("s_per_step", math.nan) for b in explore
-                         if b.rollout == j.rollout and b.explore == "none" and not b.error), math.nan)
-            cells = [_f(r["s_per_step"]), _f(r["s_per_step"] / base, 2), _f(r["gen_s_per_step"]), _f(r["tok_per_s"], 1),
-                     _f(r["tokens_per_completion"], 1), _f(r["peak_rss_mib"], 0)]
+            base = next((b.result for b in explore
+                         if b.rollout == j.rollout and b.explore == "none" and not b.error), {})
+            ratio = r["s_per_step"] / base.get("s_per_step", math.nan)
+            # the same ratio per policy token: what a zooming step costs beyond its longer trajectories
+            per_token = ratio / (r["tokens_per_completion"] / base.get("tokens_per_completion", math.nan))
+            cells = [_f(r["s_per_step"]), _f(ratio, 2), _f(per_token, 2), _f(r["gen_s_per_step"]),
+                     _f(r["tok_per_s"], 1), _f(r["tokens_per_completion"], 1), _f(r["peak_rss_mib"], 0)]
             lines.append(_row(j, cells, f"{j.rollout or '-'} | {j.explore}"))
     lines += [
         "",
@@ -289,7 +292,9 @@ def tables(args, jobs: list[Job]) -> list[str]:
         "loading and per-step logging included: medvr logs to a throw-away sqlite MLflow store, TRL to memory); "
         "rollout s/step: of that, time in generation (medvr `explore.rollout`, TRL `_generate`: prompt encoding, "
         "sampling, decoding); rollout tok/s: completion tokens (medvr: policy tokens kept; TRL: ids up to EOS) / "
-        "generation time; reward: mean total reward of the timed steps. Peak RSS: the process's resident-set "
+        "generation time; reward: mean total reward of the timed steps; per policy token ÷ none's: s/step ÷ none's "
+        "divided by the ratio of their tokens/trajectory (a zooming trajectory holds about twice the policy tokens, "
+        "a second turn and a second image). Peak RSS: the process's resident-set "
         "high-water mark (load and steps); steps: RSS over loaded = the steps' high-water mark minus the RSS when "
         "the first step started (optimiser states, activations, caches). GPU: torch's allocated bytes."),
     ]

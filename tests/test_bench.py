@@ -92,5 +92,6 @@ def test_cpu_bench_prints_engines_and_explore_tables(tiny, cache_dir, tmp_path, 
     explore = table(text, "explore options")
     assert set(explore) == {f"{rollout[0] if rollout else '-'} none"}
     assert next(row["s/step ÷ none's"] for row in explore.values()) == "1.00"
+    assert next(row["per policy token ÷ none's"] for row in explore.values()) == "1.00"
     assert all(float(row["s/step"]) > 0 for row in explore.values())
     assert "torch" in text and "trl 1." in text and "G=4" in text and "2 prompts/step" in text

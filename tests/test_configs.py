@@ -55,8 +55,9 @@ def test_experiment_medvr_mini_sweeps_the_six_arms_over_two_seeds(tmp_path):
     assert sorted(arms) == sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml"))
     chosen = {}
     for arm in arms:
-        choices = compose_cfg(["experiment=medvr_mini", f"+arm={arm}"], tmp_path, tmp_path / "cache").hydra.runtime.choices
-        chosen[arm] = (choices.explore, choices.reward)
+        arm_cfg = compose_cfg(["experiment=medvr_mini", f"+arm={arm}"], tmp_path, tmp_path / "cache")
+        chosen[arm] = (arm_cfg.hydra.runtime.choices.explore, arm_cfg.hydra.runtime.choices.reward)
+        assert arm_cfg.data.source.train_question_types is None, arm  # every arm is taught the same items
     assert chosen == {
         "none": ("none", "r1"), "tool": ("tool", "r1"), "evr": ("evr", "r1"), "random_crop": ("random_crop", "r1"),
         "evr_cca": ("evr", "cca"), "evr_grounding_gt": ("evr", "grounding_gt"),
@@ -86,3 +87,20 @@ def test_bad_algo_value_names_the_key(tmp_path):
     cfg = compose_cfg(["algo.loss_type=ppo"], tmp_path, tmp_path / "cache")
     with pytest.raises(InstantiationException, match="algo.loss_type='ppo' is not one of"):
         instantiate(cfg.algo)
+
+
+@pytest.mark.parametrize("overrides, trained", [
+    ([], ["quadrant", "side", "modality"]),  # the demo: the whole-image types
+    (["explore=evr"], ["quadrant", "side", "modality"]),  # the same items whatever the explore option
+    (["data=synthetic"], None),
+    (["experiment=medvr_mini", "+arm=evr"], None),
+    (["data=synthetic", "data.source.question_types=[shape,side]", "data.source.train_question_types=[side]"], ["side"]),
+])
+def test_synthetic_train_types(overrides, trained, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path, tmp_path / "cache")
+    assert OmegaConf.to_container(cfg.data.source, resolve=True)["train_question_types"] == trained
+    source = instantiate(cfg.data.source)
+    expected = trained or list(cfg.data.source.question_types or ["quadrant", "side", "modality", "shape", "texture",
+                                                                    "count"])
+    assert list(source.train_question_types) == expected
+    assert source.sizes["test"] == (192 if cfg.hydra.runtime.choices.data == "synthetic_demo" else 96)

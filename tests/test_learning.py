@@ -20,7 +20,7 @@ def test_grpo_learns_to_read_the_modality_and_does_not_collapse(tmp_path, cache_
         # 20-step tower the start's reading came down to which letter its one guess fell on
         "model.vision_pretraining.steps=300", "model.vision_pretraining.items=512",
         # the modality decides the key's letter (MRI A, CT B, X-ray C; D is never right)
-        "data.source.question_types=[modality]",
+        "data=synthetic", "data.source.question_types=[modality]",
         "data.source.n_train=256", "data.source.n_val=8", "data.source.n_test=48",
         "algo=grpo", "data.batch_size=4", "algo.group_size=4", "optimizer.lr=5e-4",
         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
