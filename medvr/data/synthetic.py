@@ -306,11 +306,11 @@ def generate(n: int, seed: int, split: str = "train", question_types=QUESTION_TY
         return list(pool.map(_item, range(n), repeat(seed), repeat(split), repeat(types), chunksize=_CHUNK))
 
 
-def _checked_types(question_types) -> tuple[str, ...]:
+def _checked_types(question_types, key: str = "question_types") -> tuple[str, ...]:
     types = tuple(question_types)
     unknown = sorted(set(types) - set(QUESTION_TYPES))
     if unknown or not types:
-        raise ValueError(f"question_types={list(types)}: each must be one of {list(QUESTION_TYPES)} ({unknown} is not)")
+        raise ValueError(f"{key}={list(types)}: each must be one of {list(QUESTION_TYPES)} ({unknown} is not)")
     return types
 
 
@@ -345,7 +345,7 @@ class SyntheticVQA:
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.seed = seed
         self.question_types = _checked_types(question_types or QUESTION_TYPES)  # a bad type fails before any work
-        self.train_question_types = _checked_types(train_question_types or self.question_types)
+        self.train_question_types = _checked_types(train_question_types or self.question_types, "train_question_types")
         if outside := sorted(set(self.train_question_types) - set(self.question_types)):
             raise ValueError(f"train_question_types={list(self.train_question_types)}: {outside} not in "
                              f"question_types={list(self.question_types)}")
